@@ -1,0 +1,151 @@
+"""The head-store contract.
+
+A head store holds, for each of N rows, `weight[n]`, `exp_avg[n]`, `exp_avg_sq[n]` (d values each)
+and `step[n]` (int64: the optimizer step the row is current at), plus run-level metadata
+(`HeadMeta`). Backends: `MemoryHeadStore` (tensors in RAM, small N, tests) and the on-disk Zarr
+store. Both pass the conformance suite in `tests/unit/storage/`.
+
+Contract
+--------
+* `read_rows(index)` takes sorted, unique int64 row ids and returns a `RowBlock` of copies; the
+  caller may modify them freely.
+* `write_rows(block)` stores the block's rows (all four fields). A later `read_rows` of any of
+  those rows returns the written values, even while the write is still in flight to disk.
+* `prefetch(index)` is a hint that `read_rows(index)` will follow; backends may start I/O.
+* `flush()` makes every accepted write durable; `close()` flushes and releases resources.
+* `step_stamps` is the in-memory (N,) int64 vector of step stamps (the only O(N) host array).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_INIT_BLOCK = 4096  # rows per deterministic init block, independent of any store's chunking
+
+
+@dataclasses.dataclass
+class HeadMeta:
+    num_rows: int
+    """N: one row per training sample."""
+    dim: int
+    """d: feature dimension."""
+    dtype: str = "float32"
+    """dtype of weight and moments."""
+    optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """optimizer kind and hyper-parameters, e.g. {"kind": "adamw", "betas": [0.9, 0.999], ...}."""
+    chunk_rows: int = 0
+    """rows per on-disk chunk (the dataset's shard size); 0 for in-memory."""
+    global_step: int = 0
+    """last optimizer step the store is consistent with (at the last checkpoint/flush)."""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check_compatible(self, other: HeadMeta, what: str = "head store") -> None:
+        """Raise ValueError naming every field that differs (N, d, dtype, optimizer, version)."""
+        diffs = []
+        for name in ("num_rows", "dim", "dtype", "format_version"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                diffs.append(f"{name}: store has {a!r}, expected {b!r}")
+        if self.optimizer.get("kind") != other.optimizer.get("kind"):
+            diffs.append(
+                f"optimizer: store has {self.optimizer.get('kind')!r}, "
+                f"expected {other.optimizer.get('kind')!r}"
+            )
+        if diffs:
+            raise ValueError(f"{what} does not match this run: " + "; ".join(diffs))
+
+
+@dataclasses.dataclass
+class RowBlock:
+    """A set of head rows in host (or device) memory."""
+
+    index: np.ndarray  # (M,) int64, sorted, unique
+    weight: torch.Tensor  # (M, d)
+    exp_avg: torch.Tensor  # (M, d)
+    exp_avg_sq: torch.Tensor  # (M, d)
+    step: torch.Tensor  # (M,) int64
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> RowBlock:
+        mv = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731
+        return RowBlock(self.index, mv(self.weight), mv(self.exp_avg), mv(self.exp_avg_sq), mv(self.step))
+
+
+def head_init(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Deterministic initial weights of rows [start, stop): U(-1/sqrt(d), 1/sqrt(d)), like nn.Linear.
+
+    Generated in fixed blocks of `_INIT_BLOCK` rows seeded by (seed, block), so any backend and
+    any chunking produce the same head for the same seed.
+    """
+    bound = 1.0 / dim**0.5
+    out = torch.empty(stop - start, dim, dtype=dtype)
+    b0, b1 = start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK
+    for b in range(b0, b1 + 1):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        lo, hi = b * _INIT_BLOCK, (b + 1) * _INIT_BLOCK
+        block = torch.empty(_INIT_BLOCK, dim, dtype=torch.float64).uniform_(-bound, bound, generator=g)
+        s, e = max(lo, start), min(hi, stop)
+        out[s - start : e - start] = block[s - lo : e - lo].to(dtype)
+    return out
+
+
+class HeadStore(abc.ABC):
+    """Abstract head store (see the module docstring for the contract)."""
+
+    meta: HeadMeta
+
+    @abc.abstractmethod
+    def read_rows(self, index: np.ndarray) -> RowBlock: ...
+
+    @abc.abstractmethod
+    def write_rows(self, block: RowBlock) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def step_stamps(self) -> np.ndarray: ...
+
+    def prefetch(self, index: np.ndarray) -> None:  # noqa: B027 - optional hint
+        """Hint that `read_rows(index)` follows soon."""
+
+    def flush(self) -> None:  # noqa: B027
+        """Make every accepted write durable."""
+
+    def commit(self, step: int) -> None:
+        """Make every write durable and record `step` as a recovery point (see `recover`).
+
+        The trainer checkpoints step S as: `store.commit(S)`, then the backbone checkpoint written
+        atomically (temp name + rename). After a crash it resumes from the newest finished backbone
+        checkpoint S' and calls `store.recover(S')`; S' is the newest or the one-but-newest commit,
+        so a store must be able to restore both. No row written after S' may survive recovery and
+        none may be torn.
+        """
+        self.flush()
+        self.meta.global_step = step
+
+    def recover(self, step: int) -> None:
+        """Restore the state recorded by `commit(step)`."""
+        if step != self.meta.global_step:
+            raise ValueError(f"cannot recover head store to step {step}: it holds step {self.meta.global_step}")
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> HeadStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
