@@ -1,0 +1,152 @@
+"""Checkpoints: a consistent cut of backbone, optimizer, loader position and head.
+
+Layout under `<run_dir>/checkpoints/`: one folder per checkpoint `step_00001234/` written by
+DeepSpeed (`save_checkpoint` with the engine's own state in `client_state`), and a `latest` file.
+
+Protocol for step S (crash-safe at every instant):
+  1. `head.commit(S)`: every head row durable at S (the disk store keeps undo data back to the
+     previous commit, so a crash before step 3 can still roll it back).
+  2. DeepSpeed writes `checkpoints/.tmp-step_S/` (every rank), then rank 0 renames it to
+     `step_S/` (atomic on POSIX).
+  3. rank 0 replaces `latest` (temp name + rename), then prunes old checkpoints.
+Resume reads `latest`, loads it with `torch.load(weights_only=True)` (never unpickling objects),
+and `head.recover(S)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from engine.distributed import barrier
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    f = checkpoint_dir(run_dir) / "latest"
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    if not (checkpoint_dir(run_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{f} names checkpoint {tag!r}, which does not exist")
+    return tag
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        import os  # noqa: PLC0415
+
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def save(trainer) -> Path:
+    """Save the trainer's state at its current step (a no-op if that step is already saved)."""
+    root = checkpoint_dir(trainer.run_dir)
+    tag = tag_for(trainer.step)
+    final = root / tag
+    if final.is_dir():
+        return final
+    if trainer.head is not None:
+        trainer.head.commit(trainer.step)
+    client_state = {
+        "format_version": FORMAT_VERSION,
+        "step": trainer.step,
+        "epoch": trainer.epoch,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "world_size": trainer.world,
+        "head": trainer.head.state_dict() if trainer.head is not None else None,
+    }
+    tmp_tag = f".tmp-{tag}"
+    if trainer.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    barrier()
+    trainer.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    barrier()
+    if trainer.is_main:
+        (root / tmp_tag).rename(final)
+        _atomic_write_text(root / "latest", tag + "\n")
+        _prune(root, trainer.cfg.train.keep_checkpoints)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(trainer) -> None:
+    """Load the newest checkpoint of `trainer.run_dir` into the trainer (fresh start if none)."""
+    tag = latest_tag(trainer.run_dir)
+    if tag is None:
+        return
+    path, client_state = trainer.engine.load_checkpoint(
+        str(checkpoint_dir(trainer.run_dir)), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None or client_state is None:
+        raise RuntimeError(f"could not load checkpoint {tag} from {checkpoint_dir(trainer.run_dir)}")
+    if client_state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {tag}: format version {client_state.get('format_version')} "
+                         f"!= {FORMAT_VERSION} supported by this build")
+    if client_state["world_size"] != trainer.world:
+        raise ValueError(f"checkpoint {tag} was written by {client_state['world_size']} ranks; "
+                         f"resume with the same world size (got {trainer.world})")
+    trainer.step = int(client_state["step"])
+    trainer.epoch = int(client_state["epoch"])
+    trainer.batch_in_epoch = int(client_state["batch_in_epoch"])
+    if trainer.head is not None:
+        trainer.head.recover(trainer.step)
+        trainer.head.load_state_dict(client_state["head"])
+
+
+def export_backbone(model: torch.nn.Module, cfg, path: str | Path) -> Path:
+    """Write the backbone's state dict as safetensors (temp name + rename), with how to rebuild it."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    small = cfg.model.small_stem if cfg.model.small_stem is not None else cfg.data.image_size <= 64
+    meta = {"format_version": str(FORMAT_VERSION), "backbone": cfg.model.backbone, "small_stem": json.dumps(small),
+            "in_channels": str(cfg.data.channels), "image_size": str(cfg.data.image_size)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_backbone(path: str | Path) -> torch.nn.Module:
+    """Rebuild the torchvision backbone (classifier removed) and load exported weights."""
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from engine.model import build_backbone  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported backbone at {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "backbone" not in meta:
+        raise ValueError(f"{path} has no 'backbone' metadata; was it written by `diet train`?")
+    net, _ = build_backbone(meta["backbone"], small_stem=json.loads(meta.get("small_stem", "false")),
+                            in_channels=int(meta.get("in_channels", "3")))
+    net.load_state_dict(load_file(str(path)))
+    return net

@@ -1,0 +1,224 @@
+"""The training loop: `Trainer.train()` → `train_step()` → `forward_backward()`.
+
+One DIET step at optimizer step t (1-based):
+    z = model(augment(x))                     # backbone under DeepSpeed, (B, d)
+    loss = head.loss(z, index, t)             # rows gathered + caught up to t-1, batch or full CE
+    engine.backward(loss)                     # dz → backbone grads; dR → head row grads
+    engine.step(); head.step(t)               # backbone optimizer step; lazy head step t + scatter
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine import checkpoint as ckpt
+from engine.config import RunConfig
+from engine.data import build_train_loader, load_manifest, manifest_stats
+from engine.distributed import barrier, build_engine, init_distributed
+from engine.head import DenseHead, Head, LazyHead, make_head_optimizer_meta
+from engine.metrics import MetricsLogger
+from engine.model import build_model
+from engine.objectives import build_objective
+from engine.schedule import warmup_cosine
+from storage.head import HeadMeta, MemoryHeadStore
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    """Builds everything from a `RunConfig` and runs (or resumes) training."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.rank, self.world = init_distributed(self.device)
+        self.is_main = self.rank == 0
+        self.run_dir = Path(cfg.train.run_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
+        barrier()
+
+        # data
+        self.manifest = load_manifest(cfg.data)
+        self.loader = build_train_loader(cfg, self.manifest, self.rank, self.world)
+        self.steps_per_epoch = self.loader.steps_per_epoch()
+        full = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(full, cfg.train.max_steps) if cfg.train.max_steps else full
+        global_batch = cfg.train.batch_size * self.world
+        base_lr = cfg.optim.lr * global_batch / 256
+        warmup = (cfg.optim.warmup_fraction * full if cfg.optim.warmup_fraction > 0
+                  else cfg.optim.warmup_epochs * self.steps_per_epoch)
+        # schedule over the nominal run (max_steps only truncates it, so a short run is a prefix)
+        self.lrs = warmup_cosine(base_lr, full, int(round(warmup)), base_lr * cfg.optim.final_lr_fraction)
+
+        # model + DeepSpeed engine (backbone, projector)
+        torch.manual_seed(cfg.train.seed)
+        channels = cfg.data.channels
+        self.model = build_model(cfg.model, cfg.data.image_size, channels).to(self.device)
+        self.initial_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        self.objective = build_objective(cfg, self.model, self.manifest, self.device)
+        params = [p for p in list(self.model.parameters()) + list(self.objective.parameters()) if p.requires_grad]
+        if cfg.optim.name == "adamw":
+            opt = torch.optim.AdamW(params, lr=float(self.lrs[0]), betas=tuple(cfg.optim.betas),
+                                    eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=float(self.lrs[0]), momentum=cfg.optim.momentum,
+                                  weight_decay=cfg.optim.weight_decay)
+        module = _Joint(self.model, self.objective)
+        self.engine, self.optimizer = build_engine(module, opt, cfg.train, cfg.optim)
+
+        # head (DIET only)
+        self.head: Head | None = self.build_head() if cfg.train.method == "diet" else None
+
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches of `epoch` already consumed
+        if cfg.train.resume:
+            self.resume()
+
+    # ------------------------------------------------------------------ construction
+    def build_head(self) -> Head:
+        cfg = self.cfg
+        n, d = self.manifest.num_samples, self.model.out_dim
+        common = dict(label_smoothing=cfg.head.label_smoothing, logit_scale=cfg.head.logit_scale,
+                      extra_negatives=cfg.head.extra_negatives)
+        if cfg.head.store == "dense":
+            return DenseHead(n, d, self.lrs, cfg.optim, loss=cfg.head.loss, seed=cfg.head.seed,
+                             device=self.device, **common)
+        meta = HeadMeta(num_rows=n, dim=d, optimizer=make_head_optimizer_meta(cfg.optim, cfg.head.optimizer_mode),
+                        chunk_rows=int(self.manifest.shard_size))
+        if cfg.head.store == "memory":
+            store = MemoryHeadStore(meta, seed=cfg.head.seed)
+        else:
+            from storage.head import open_or_create_store  # noqa: PLC0415
+
+            path = cfg.head.store_path or str(self.run_dir / ("head.zarr" if self.world == 1 else f"head-rank{self.rank}.zarr"))
+            store = open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume,
+                                         memory_budget_bytes=cfg.head.memory_budget_mb << 20,
+                                         owned_rows=self.loader.owned_rows() if self.world > 1 else None)
+        return LazyHead(store, self.lrs, cfg.optim, mode=cfg.head.optimizer_mode,
+                        batch_size=cfg.train.batch_size * self.world, device=self.device, **common)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.train.progress and self.is_main),
+                   desc=f"{cfg.train.method} {cfg.model.backbone}", dynamic_ncols=True)
+        seen, window_t = 0, time.perf_counter()
+        last_loss = float("nan")
+        while self.step < self.total_steps:
+            plan = self.loader.plan(self.epoch)
+            lookahead = self.cfg.head.lookahead
+            if self.head is not None:
+                for k in range(self.batch_in_epoch, min(self.batch_in_epoch + lookahead, len(plan))):
+                    self.head.prefetch(plan[k])
+            for batch in self.loader.epoch(self.epoch, start_batch=self.batch_in_epoch):
+                k = self.batch_in_epoch
+                if self.head is not None and k + lookahead < len(plan):
+                    self.head.prefetch(plan[k + lookahead])
+                upcoming = plan[k + 1 : k + 1 + max(lookahead, 1)]
+                loss = self.train_step(batch, upcoming)
+                self.batch_in_epoch += 1
+                seen += len(batch[1]) * self.world
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    last_loss = float(loss)  # host-device sync
+                    now = time.perf_counter()
+                    ips = seen / max(now - window_t, 1e-9)
+                    seen, window_t = 0, now
+                    row = {"loss": last_loss, "lr": float(self.lrs[self.step - 1]), "img_per_s": ips,
+                           "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch}
+                    if self.head is not None:
+                        row.update({f"head/{k}": v for k, v in self.head.stats().items()})
+                    self.metrics.log(self.step, row)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}")
+                bar.update(1)
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        bar.close()
+        train_time = time.perf_counter() - t0
+        self.save_checkpoint()
+        self.export_backbone()
+        self.metrics.close()
+        return {"steps": self.step, "train_time_s": train_time, "final_loss": last_loss}
+
+    def train_step(self, batch, upcoming) -> torch.Tensor:
+        """One optimizer step t = self.step + 1 over the batch."""
+        t = self.step + 1
+        lr = float(self.lrs[t - 1])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss = self.forward_backward(batch, t, upcoming)
+        self.engine.step()
+        if self.head is not None:
+            self.head.step(t)  # lazy step t on the batch's rows + write-behind
+        self.step = t
+        return loss.detach()
+
+    def forward_backward(self, batch, t: int, upcoming) -> torch.Tensor:
+        x, index = batch[0].to(self.device, non_blocking=True), batch[1]
+        labels = batch[2] if len(batch) > 2 else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            loss = self.objective.loss(self.engine, x, index.numpy(), labels, t, upcoming, self.head)
+        self.engine.backward(loss)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        ckpt.save(self)
+
+    def resume(self) -> None:
+        ckpt.resume(self)
+
+    def export_backbone(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return ckpt.export_backbone(self.model, self.cfg, self.run_dir / "backbone.safetensors")
+
+    def close(self) -> None:
+        if self.head is not None:
+            self.head.close()
+
+
+class _Joint(torch.nn.Module):
+    """What DeepSpeed owns: the model plus any trainable objective parameters (never the head)."""
+
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:
+    return epochs * math.ceil(num_samples / batch_size)
+
+
+__all__ = ["Trainer", "resolve_device", "steps_for", "np"]

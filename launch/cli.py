@@ -1,0 +1,55 @@
+"""The `diet` command line: thin wrappers that parse arguments and call the engine.
+
+    diet train [--config FILE] [--section.field=VALUE ...]   # no arguments: the embedded default run
+    diet prepare {digits,folder,synthetic,index} ...
+    diet eval --backbone runs/X/backbone.safetensors ...
+    diet head export ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diet", description="DIET self-supervised learning at any data-set size.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from launch import eval as eval_cmd  # noqa: PLC0415
+    from launch import prepare, train  # noqa: PLC0415
+
+    train.add_parser(sub)
+    prepare.add_parser(sub)
+    eval_cmd.add_parser(sub)
+    for optional in ("head", "bench", "launcher"):
+        try:
+            mod = __import__(f"launch.{optional}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]  # the embedded default run
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    takes_overrides = args.command == "train"
+    if rest and not takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return int(args.func(args, rest) if takes_overrides else args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, PermissionError, OSError) as e:
+        print(f"diet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Named run presets. `digits` is the embedded default run of `diet train` with no arguments."""
+
+from __future__ import annotations
+
+from engine.config import RunConfig
+
+
+def digits() -> RunConfig:
+    """ResNet-18 (small stem) on scikit-learn's 8×8 digits upscaled to 16 px, batch CE, a few CPU minutes."""
+    cfg = RunConfig()
+    cfg.data.manifest = "data/digits/train"
+    cfg.data.eval_train_manifest = "data/digits/train"
+    cfg.data.eval_test_manifest = "data/digits/test"
+    cfg.data.prepare_digits = True
+    cfg.data.image_size = 16
+    cfg.data.channels = 3
+    cfg.data.strength = 1
+    cfg.data.crop_scale_min = 0.5
+    cfg.data.flip = False  # digits are not mirror-symmetric
+    cfg.model.backbone = "resnet18"
+    cfg.head.loss = "batch"
+    cfg.head.store = "memory"
+    cfg.train.batch_size = 128
+    cfg.train.epochs = 20
+    cfg.optim.warmup_epochs = 2
+    return cfg
+
+
+PRESETS = {"digits": digits}
