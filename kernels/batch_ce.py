@@ -3,8 +3,13 @@
 loss = cross_entropy(scale · Z Rᵀ, target, label_smoothing=ε)
 
 Z (B, d) are the step's features, R (M, d) the candidate rows and target[i] the position in R of
-sample i's own row. `batch_cross_entropy` dispatches to the fused Triton kernel on CUDA and to
-the PyTorch reference elsewhere (or when DIET_BATCH_CE=reference).
+sample i's own row. `batch_cross_entropy` dispatches to the fused Triton path on CUDA
+(`kernels/_batch_ce_triton.py`: the (B, M) logits never exist in full) and to the PyTorch
+reference elsewhere. The environment variable DIET_BATCH_CE picks the path:
+    auto (default)  Triton on CUDA tensors, the reference otherwise;
+    reference       always the reference;
+    triton          always Triton (CPU tensors need TRITON_INTERPRET=1; used by the tests).
+Targets must lie in [0, M): they are not checked on the device (that would cost a host sync).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+_MODES = ("auto", "reference", "triton")
 
 
 def batch_cross_entropy_reference(
@@ -27,6 +34,32 @@ def batch_cross_entropy_reference(
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
+def _check_inputs(z: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, eps: float) -> None:
+    """Shape, dtype and device checks that cost no host-device sync."""
+    if z.dim() != 2 or rows.dim() != 2 or z.shape[1] != rows.shape[1]:
+        raise ValueError(
+            f"batch_cross_entropy: expected z (B, d) and rows (M, d) with the same d, "
+            f"got z {tuple(z.shape)} and rows {tuple(rows.shape)}"
+        )
+    if z.shape[0] < 1 or rows.shape[0] < 1:
+        raise ValueError(
+            "batch_cross_entropy: expected B >= 1 and M >= 1, "
+            f"got B={z.shape[0]}, M={rows.shape[0]}"
+        )
+    if target.shape != (z.shape[0],) or target.dtype.is_floating_point or target.is_complex():
+        raise ValueError(
+            f"batch_cross_entropy: expected target of shape ({z.shape[0]},) holding integer "
+            f"positions in rows, got shape {tuple(target.shape)} and dtype {target.dtype}"
+        )
+    if not (z.device == rows.device == target.device):
+        raise ValueError(
+            f"batch_cross_entropy: z, rows and target must share a device, got {z.device}, "
+            f"{rows.device} and {target.device}"
+        )
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"batch_cross_entropy: label_smoothing must be in [0, 1], got {eps}")
+
+
 def batch_cross_entropy(
     z: torch.Tensor,
     rows: torch.Tensor,
@@ -34,8 +67,12 @@ def batch_cross_entropy(
     label_smoothing: float = 0.8,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Mean batch cross-entropy with autograd to both `z` and `rows`."""
-    if os.environ.get("DIET_BATCH_CE", "auto") == "reference" or not z.is_cuda:
+    """Mean batch cross-entropy (fp32, 0-d) with autograd to both `z` and `rows`."""
+    _check_inputs(z, rows, target, label_smoothing)
+    mode = os.environ.get("DIET_BATCH_CE", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"DIET_BATCH_CE={mode!r}: expected one of {', '.join(_MODES)}")
+    if mode == "reference" or (mode == "auto" and not z.is_cuda):
         return batch_cross_entropy_reference(z, rows, target, label_smoothing, scale)
     from kernels._batch_ce_triton import batch_cross_entropy_fused  # noqa: PLC0415
 
