@@ -113,8 +113,8 @@ def resume(trainer) -> None:
     trainer.epoch = int(client_state["epoch"])
     trainer.batch_in_epoch = int(client_state["batch_in_epoch"])
     if trainer.head is not None:
-        trainer.head.recover(trainer.step)
-        trainer.head.load_state_dict(client_state["head"])
+        trainer.head.load_state_dict(client_state["head"])  # in-memory heads: the rows are in the checkpoint
+        trainer.head.recover(trainer.step)  # disk heads: roll rows written after the checkpoint back
 
 
 def export_backbone(model: torch.nn.Module, cfg, path: str | Path) -> Path:
