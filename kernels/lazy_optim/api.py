@@ -1,123 +1,264 @@
-"""Public classes of the lazy optimizer.
-
-PLACEHOLDER IMPLEMENTATION: a naive per-step loop (cost grows with the gap). It defines the
-semantics and the API; the closed-form catch-up replaces the loop behind the same methods.
+"""Public classes of the lazy optimizer: `LazyAdamW`, `LazySGD`.
 
 Conventions
 -----------
 * Steps are 1-based: step t uses learning rate `lr_at(t)`; an array schedule `lrs` gives
-  `lr_at(t) = lrs[t - 1]`.
-* `step[n]` (int64) is the last optimizer step applied to row n (0: never stepped).
-* `catch_up(..., t)` brings rows to step t-1 (zero-gradient steps), `step(..., grad, t)` catches
-  up and applies the real step t, `materialize(..., T)` brings rows to step T.
+  `lr_at(t) = lrs[t - 1]`; a callable is evaluated lazily (and cached); a float is constant.
+* Rows are tensors updated in place: weight, exp_avg, exp_avg_sq (M, d), fp32 or fp64, CPU or CUDA,
+  and `step` (M,) int64, the last optimizer step applied to each row (0: never stepped).
+* `catch_up(..., t)` brings rows to step t−1 (zero-gradient steps), `step(..., grad, t)` catches up
+  and applies the real step t (step[:] = t), `materialize(..., T)` brings rows to step T.
+
+Modes
+-----
+* `exact` (default): equals torch.optim.AdamW / torch.optim.SGD applied densely to the whole head
+  (rows out of the batch get g = 0), in closed form: cost per row O(log gap) + O(W) scalars per
+  unique stamp, O(1) per element (see `reference.py` for the formulas, `chebyshev.py` for AdamW).
+* `paper`: the s-DIET multistep update (`paper.py`): a row is moved only by `step`, which applies
+  the real step then `skipped_steps` (default num_rows / batch_size − 1) closed-form steps;
+  `catch_up` and `materialize` leave rows as they are.
+
+Backends (`backend=`): "auto" (Triton on CUDA, numba on CPU), "reference" (plain PyTorch),
+"numba" (CPU tensors), "triton" (CUDA tensors, or CPU under TRITON_INTERPRET=1). Stamps are checked
+(τ ≤ target) on CPU; on CUDA that check would cost a host sync and is skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
 
 import numpy as np
 import torch
 
-Schedule = Sequence[float] | np.ndarray | Callable[[int], float]
+from kernels.lazy_optim import chebyshev, paper, reference
+from kernels.lazy_optim.schedule_tables import AdamWTables, LrTable, Schedule, SGDTables
+
+_MODES = ("exact", "paper")
+_BACKENDS = ("auto", "reference", "numba", "triton")
 
 
-def _lr_fn(lr: Schedule | float) -> Callable[[int], float]:
-    if callable(lr):
-        return lr
-    if np.isscalar(lr):
-        return lambda t: float(lr)
-    arr = np.asarray(lr, dtype=np.float64)
-    return lambda t: float(arr[t - 1])
+def _check_options(mode: str, backend: str, num_rows, batch_size, skipped_steps) -> float | None:
+    if mode not in _MODES:
+        raise ValueError(f"lazy optimizer: mode={mode!r}, expected one of {_MODES}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"lazy optimizer: backend={backend!r}, expected one of {_BACKENDS}")
+    if mode != "paper":
+        return None
+    if skipped_steps is not None:
+        return float(skipped_steps)
+    if num_rows is None or batch_size is None:
+        raise ValueError("lazy optimizer: mode='paper' needs skipped_steps=, or num_rows= and "
+                         "batch_size= (skipped_steps = num_rows / batch_size - 1)")
+    return num_rows / batch_size - 1.0
+
+
+def _resolve_backend(backend: str, weight: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if weight.is_cuda else "numba"
+    if backend == "numba" and weight.is_cuda:
+        raise ValueError("lazy optimizer: backend='numba' needs CPU tensors, got CUDA ones")
+    if backend == "triton" and not weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("lazy optimizer: backend='triton' needs CUDA tensors (or CPU tensors "
+                         "under TRITON_INTERPRET=1)")
+    return backend
+
+
+def _check_rows(weight, exp_avg, exp_avg_sq, step, grad, needs_sq: bool) -> None:
+    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"lazy optimizer: weight must be (M, d) fp32/fp64, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    named = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq if needs_sq else None), ("grad", grad)]
+    for name, x in named:
+        if x is not None and (x.shape != weight.shape or x.device != weight.device):
+            raise ValueError(f"lazy optimizer: {name} {tuple(x.shape)} on {x.device} does not "
+                             f"match weight {tuple(weight.shape)} on {weight.device}")
+    for name, x in named[:2]:
+        if x is not None and x.dtype != weight.dtype:
+            raise ValueError(f"lazy optimizer: {name} is {x.dtype}, weight is {weight.dtype}")
+    if step.shape != weight.shape[:1] or step.dtype != torch.int64:
+        raise ValueError(f"lazy optimizer: step must be ({weight.shape[0]},) int64, got "
+                         f"{tuple(step.shape)} {step.dtype}")
+
+
+class _Contiguous:
+    """Hands kernels contiguous tensors and copies results back into non-contiguous originals."""
+
+    def __init__(self, *tensors):
+        self.orig = tensors
+        self.work = tuple(None if x is None else x.contiguous() for x in tensors)
+
+    def finish(self):
+        for o, w in zip(self.orig, self.work):
+            if o is not None and o.data_ptr() != w.data_ptr():
+                o.copy_(w)
 
 
 class LazyAdamW:
-    """AdamW (PyTorch semantics, amsgrad off) applied lazily to head rows."""
+    """AdamW (PyTorch semantics, amsgrad off) applied lazily to head rows.
 
-    def __init__(
-        self,
-        lr: Schedule | float,
-        *,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        mode: str = "exact",
-        backend: str = "auto",
-    ) -> None:
-        self.lr_at = _lr_fn(lr)
-        self.beta1, self.beta2 = betas
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.mode = mode
-        self.backend = backend
+    Extra keyword options: `num_rows`, `batch_size` or `skipped_steps` (paper mode),
+    `cache_size` (stamps whose Chebyshev coefficients the numba backend keeps; 32·8 bytes each).
+    """
 
-    def _one(self, w, m, v, g, s: int) -> None:
-        lr = self.lr_at(s)
-        w.mul_(1 - lr * self.weight_decay)
-        m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-        bc1 = 1 - self.beta1**s
-        bc2 = 1 - self.beta2**s
-        denom = (v.sqrt() / bc2**0.5).add_(self.eps)
-        w.addcdiv_(m, denom, value=-lr / bc1)
+    def __init__(self, lr: Schedule, *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, mode: str = "exact",
+                 backend: str = "auto", num_rows: int | None = None,
+                 batch_size: int | None = None, skipped_steps: float | None = None,
+                 cache_size: int = 1 << 15) -> None:
+        self.skipped_steps = _check_options(mode, backend, num_rows, batch_size, skipped_steps)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.mode, self.backend = mode, backend
+        if mode == "exact":
+            self.tables = AdamWTables(lr, self.beta1, self.beta2, self.eps, self.weight_decay)
+        else:
+            self.tables = None
+            self._lrs = LrTable(lr)
+        # numba τ-cache of Chebyshev coefficients (direct-mapped, slot = τ mod cache_size)
+        self._ckeys = np.full(cache_size, -1, dtype=np.int64)
+        self._cvals = np.zeros((cache_size, chebyshev.K))
+        self._cnterm = np.zeros(cache_size, dtype=np.int64)
+
+    def lr_at(self, t: int) -> float:
+        if self.tables is None:
+            self._lrs.ensure(t)
+            return float(self._lrs.lr[t])
+        self.tables.ensure(t)  # grows the derived tables with the learning rates
+        return float(self.tables.lrs.lr[t])
 
     @torch.no_grad()
     def catch_up(self, weight, exp_avg, exp_avg_sq, step, t: int) -> None:
-        if step.numel() == 0:
-            return
-        lo = int(step.min()) + 1
-        for s in range(lo, t):
-            mask = step < s
-            if not mask.any():
-                continue
-            w, m, v = weight[mask], exp_avg[mask], exp_avg_sq[mask]
-            self._one(w, m, v, torch.zeros_like(w), s)
-            weight[mask], exp_avg[mask], exp_avg_sq[mask] = w, m, v
-            step[mask] = s
+        """Bring rows to step t−1 (before the forward pass of step t)."""
+        self._run(weight, exp_avg, exp_avg_sq, step, None, t - 1, t)
 
     @torch.no_grad()
     def step(self, weight, exp_avg, exp_avg_sq, step, grad, t: int) -> None:
-        self.catch_up(weight, exp_avg, exp_avg_sq, step, t)
-        self._one(weight, exp_avg, exp_avg_sq, grad.to(weight.dtype), t)
-        step.fill_(t)
+        """Catch rows up to t−1, then apply step t with their gradient (M, d); step[:] = t."""
+        if self.mode == "paper":
+            paper.adamw_paper_step(weight, exp_avg, exp_avg_sq, grad.to(weight.dtype),
+                                   lr=self.lr_at(t), weight_decay=self.weight_decay,
+                                   betas=(self.beta1, self.beta2), eps=self.eps,
+                                   n=self.skipped_steps)
+            step.fill_(t)
+            return
+        self._run(weight, exp_avg, exp_avg_sq, step, grad, t - 1, t)
 
+    @torch.no_grad()
     def materialize(self, weight, exp_avg, exp_avg_sq, step, T: int) -> None:
-        self.catch_up(weight, exp_avg, exp_avg_sq, step, T + 1)
+        """Bring rows to step T (export, evaluation, checkpoints)."""
+        self._run(weight, exp_avg, exp_avg_sq, step, None, T, T + 1)
+
+    def _run(self, weight, exp_avg, exp_avg_sq, step, grad, e: int, t: int) -> None:
+        _check_rows(weight, exp_avg, exp_avg_sq, step, grad, needs_sq=True)
+        if self.mode == "paper" or weight.shape[0] == 0:
+            return
+        if not step.is_cuda:
+            reference.gaps_ok(step, e, strict=False)
+        tab = self.tables
+        tab.ensure(max(t, 1) if grad is not None else max(e, 1))
+        if grad is not None:
+            grad = grad.to(weight.dtype)
+        backend = _resolve_backend(self.backend, weight)
+        if backend == "reference":
+            reference.adamw_catch_up_reference(weight, exp_avg, exp_avg_sq, step, e, tab)
+            if grad is not None:
+                reference.adamw_step_reference(weight, exp_avg, exp_avg_sq, grad, t, tab)
+        elif backend == "numba":
+            from kernels.lazy_optim import _numba  # noqa: PLC0415
+
+            c = _Contiguous(weight, exp_avg, exp_avg_sq, grad)
+            w, m, v, g = c.work
+            _numba.adamw_lazy(w.numpy(), m.numpy(), v.numpy(),
+                              (g if g is not None else w[:0]).numpy(), step.numpy(), e, t,
+                              grad is not None, tab.L, tab.lrs.lr, tab.a, tab.c,
+                              self.weight_decay, self.beta1, self.beta2, self.eps, tab.window,
+                              chebyshev.NODES, chebyshev.DCT, chebyshev.TOL,
+                              self._ckeys, self._cvals, self._cnterm)
+            c.finish()
+        else:
+            from kernels.lazy_optim import _triton  # noqa: PLC0415
+
+            c = _Contiguous(weight, exp_avg, exp_avg_sq, grad)
+            _triton.adamw_lazy(*c.work, step, e, t, tab)
+            c.finish()
+        step.copy_(torch.clamp(step, min=t if grad is not None else e))
 
 
 class LazySGD:
-    """SGD with momentum (PyTorch semantics, nesterov off) applied lazily; exp_avg is the buffer."""
+    """SGD with momentum (PyTorch semantics, nesterov off) applied lazily; exp_avg is the buffer.
 
-    def __init__(self, lr: Schedule | float, *, momentum: float = 0.9, dampening: float = 0.0,
-                 weight_decay: float = 0.0, mode: str = "exact", backend: str = "auto") -> None:
-        self.lr_at = _lr_fn(lr)
-        self.momentum, self.dampening, self.weight_decay = momentum, dampening, weight_decay
+    exp_avg_sq is unused (may be None); exp_avg may be None when momentum == 0.
+    Extra keyword options: `num_rows`, `batch_size` or `skipped_steps` (paper mode).
+    """
+
+    def __init__(self, lr: Schedule, *, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, mode: str = "exact", backend: str = "auto",
+                 num_rows: int | None = None, batch_size: int | None = None,
+                 skipped_steps: float | None = None) -> None:
+        self.skipped_steps = _check_options(mode, backend, num_rows, batch_size, skipped_steps)
+        self.momentum, self.dampening = float(momentum), float(dampening)
+        self.weight_decay = float(weight_decay)
         self.mode, self.backend = mode, backend
+        self.tables = SGDTables(lr, self.momentum, self.dampening, self.weight_decay)
 
-    def _one(self, w, buf, g, s: int) -> None:
-        g = g + self.weight_decay * w
-        if s == 1:
-            buf.copy_(g)
-        else:
-            buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
-        w.add_(buf, alpha=-self.lr_at(s))
+    def lr_at(self, t: int) -> float:
+        self.tables.ensure(t)
+        return float(self.tables.lrs.lr[t])
 
     @torch.no_grad()
     def catch_up(self, weight, exp_avg, exp_avg_sq, step, t: int) -> None:
-        if step.numel() == 0:
-            return
-        for s in range(int(step.min()) + 1, t):
-            mask = step < s
-            w, b = weight[mask], exp_avg[mask]
-            self._one(w, b, torch.zeros_like(w), s)
-            weight[mask], exp_avg[mask] = w, b
-            step[mask] = s
+        """Bring rows to step t−1 (before the forward pass of step t)."""
+        self._run(weight, exp_avg, step, None, t - 1, t)
 
     @torch.no_grad()
     def step(self, weight, exp_avg, exp_avg_sq, step, grad, t: int) -> None:
-        self.catch_up(weight, exp_avg, exp_avg_sq, step, t)
-        self._one(weight, exp_avg, grad.to(weight.dtype), t)
-        step.fill_(t)
+        """Catch rows up to t−1, then apply step t with their gradient (M, d); step[:] = t."""
+        if self.mode == "paper":
+            paper.sgd_paper_step(weight, exp_avg, grad.to(weight.dtype), lr=self.lr_at(t),
+                                 weight_decay=self.weight_decay, momentum=self.momentum,
+                                 dampening=self.dampening, n=self.skipped_steps)
+            step.fill_(t)
+            return
+        self._run(weight, exp_avg, step, grad, t - 1, t)
 
+    @torch.no_grad()
     def materialize(self, weight, exp_avg, exp_avg_sq, step, T: int) -> None:
-        self.catch_up(weight, exp_avg, exp_avg_sq, step, T + 1)
+        """Bring rows to step T (export, evaluation, checkpoints)."""
+        self._run(weight, exp_avg, step, None, T, T + 1)
+
+    def _run(self, weight, buf, step, grad, e: int, t: int) -> None:
+        has_buf = self.momentum != 0.0
+        if has_buf and buf is None:
+            raise ValueError("LazySGD: momentum != 0 needs the momentum buffer as exp_avg")
+        _check_rows(weight, buf if has_buf else None, None, step, grad, needs_sq=False)
+        if self.mode == "paper" or weight.shape[0] == 0:
+            return
+        if not step.is_cuda:
+            reference.gaps_ok(step, e, strict=False)
+        tab = self.tables
+        tab.ensure(max(t, 1) if grad is not None else max(e, 1))
+        if grad is not None:
+            grad = grad.to(weight.dtype)
+        backend = _resolve_backend(self.backend, weight)
+        b = buf if has_buf else None
+        if backend == "reference":
+            reference.sgd_catch_up_reference(weight, b, step, e, tab)
+            if grad is not None:
+                reference.sgd_step_reference(weight, b, grad, t, tab)
+        elif backend == "numba":
+            from kernels.lazy_optim import _numba  # noqa: PLC0415
+
+            c = _Contiguous(weight, b, grad)
+            w, bb, g = c.work
+            _numba.sgd_lazy(w.numpy(), (bb if bb is not None else w[:0]).numpy(),
+                            (g if g is not None else w[:0]).numpy(), step.numpy(), e, t,
+                            grad is not None, has_buf, tab.lrs.lr, tab.blocks, tab.offsets,
+                            self.momentum, self.dampening, self.weight_decay)
+            c.finish()
+        else:
+            from kernels.lazy_optim import _triton  # noqa: PLC0415
+
+            c = _Contiguous(weight, b, grad)
+            _triton.sgd_lazy(*c.work, step, e, t, tab)
+            c.finish()
+        step.copy_(torch.clamp(step, min=t if grad is not None else e))
