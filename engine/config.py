@@ -112,7 +112,7 @@ class OptimConfig:
 @dataclasses.dataclass
 class TrainConfig:
     method: str = "diet"
-    """'diet' or 'simclr' (baseline)."""
+    """'diet', or a memory baseline: 'simclr' (two views, NT-Xent) or 'supervised' (linear classifier on labels)."""
     epochs: int = 30
     """training epochs."""
     max_steps: int = 0
@@ -130,7 +130,9 @@ class TrainConfig:
     resume: bool = False
     """continue from the newest checkpoint in run_dir."""
     precision: str = "fp32"
-    """'fp32' or 'bf16' (torch autocast for the backbone; the head stays fp32)."""
+    """'fp32', 'bf16' (torch autocast for the backbone; the head stays fp32) or 'fp64' (everything
+    in float64: reference runs and equivalence tests, where fp32 rounding would be amplified by
+    training's chaotic dynamics)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage for the backbone (0, 1 or 2)."""
     batch_ce: str = "local"
@@ -143,6 +145,13 @@ class TrainConfig:
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     simclr_temperature: float = 0.2
     """NT-Xent temperature for method='simclr'."""
+    # --- baselines (issue 7): SimCLR's projector lives in the objective so DeepSpeed owns it
+    simclr_projector_hidden: int = 2048
+    """hidden width of SimCLR's 2-layer projector (method='simclr')."""
+    simclr_projector_out: int = 128
+    """output width of SimCLR's projector, where NT-Xent is computed (method='simclr')."""
+    num_classes: int = 0
+    """classes of the linear classifier for method='supervised' (0: the manifest's label names)."""
 
 
 @dataclasses.dataclass
@@ -224,10 +233,14 @@ class RunConfig:
             (self.train.max_steps >= 0, "train.max_steps", ">= 0"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0"),
             (self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
-            (self.train.precision in ("fp32", "bf16"), "train.precision", "'fp32' or 'bf16'"),
+            (self.train.precision in ("fp32", "bf16", "fp64"), "train.precision", "'fp32', 'bf16' or 'fp64'"),
             (self.train.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2"),
             (self.train.batch_ce in ("local", "global"), "train.batch_ce", "'local' or 'global'"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'"),
+            (self.train.simclr_temperature > 0, "train.simclr_temperature", "> 0"),
+            (self.train.simclr_projector_hidden >= 1, "train.simclr_projector_hidden", ">= 1"),
+            (self.train.simclr_projector_out >= 1, "train.simclr_projector_out", ">= 1"),
+            (self.train.num_classes >= 0, "train.num_classes", ">= 0 (0: from the manifest)"),
             (self.data.strength in (1, 2, 3), "data.strength", "1, 2 or 3"),
             (self.data.channels in (1, 3), "data.channels", "1 or 3"),
             (self.data.image_size >= 4, "data.image_size", ">= 4"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.augment import make_eval_transform, make_train_transform
+from engine.simclr import TwoViews
 from storage.shards import Manifest, ShardLoader, prepare_digits
 
 
@@ -40,9 +41,12 @@ def _norm_for(channels: int, mean: list[float], std: list[float]) -> tuple[list[
 
 def train_transform(cfg, manifest: Manifest):
     mean, std = _norm_for(cfg.data.channels, *manifest_stats(manifest))
-    return make_train_transform(cfg.data.image_size, cfg.data.strength, mean, std,
-                                crop_scale=(cfg.data.crop_scale_min, 1.0), flip=cfg.data.flip,
-                                channels=cfg.data.channels)
+    transform = make_train_transform(cfg.data.image_size, cfg.data.strength, mean, std,
+                                     crop_scale=(cfg.data.crop_scale_min, 1.0), flip=cfg.data.flip,
+                                     channels=cfg.data.channels)
+    if cfg.train.method == "simclr":  # issue 7: SimCLR baseline, two augmented views → (2, C, H, W) per sample
+        transform = TwoViews(transform)
+    return transform
 
 
 def eval_transform(cfg, manifest: Manifest):

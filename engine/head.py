@@ -195,12 +195,14 @@ class LazyHead(Head):
 
     def export(self, T):
         """All rows at step T, in chunks of rows (host memory O(N·d) for the result only)."""
-        out = torch.empty(self.num_rows, self.dim)
+        out = None
         for lo in range(0, self.num_rows, 65536):
             idx = np.arange(lo, min(lo + 65536, self.num_rows), dtype=np.int64)
             b = self.store.read_rows(idx)
             self.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
-            out[lo : lo + len(idx)] = b.weight.float()
+            if out is None:
+                out = torch.empty(self.num_rows, self.dim, dtype=b.weight.dtype)  # (N, d) host
+            out[lo : lo + len(idx)] = b.weight
         return out
 
     def stats(self):

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt
 from engine.config import RunConfig
 from engine.data import build_train_loader, load_manifest, manifest_stats
-from engine.distributed import barrier, build_engine, init_distributed
+from engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed, rank_store_path
+from engine.global_ce import batch_ce_scope
 from engine.head import DenseHead, Head, LazyHead, make_head_optimizer_meta
 from engine.metrics import MetricsLogger
 from engine.model import build_model
@@ -69,13 +70,20 @@ class Trainer:
                   else cfg.optim.warmup_epochs * self.steps_per_epoch)
         # schedule over the nominal run (max_steps only truncates it, so a short run is a prefix)
         self.lrs = warmup_cosine(base_lr, full, int(round(warmup)), base_lr * cfg.optim.final_lr_fraction)
+        if self.is_main:  # the head's lazy optimizer needs the schedule to export rows later
+            tmp = self.run_dir / ".lr_schedule.npy.tmp"
+            with tmp.open("wb") as f:
+                np.save(f, self.lrs)
+            tmp.replace(self.run_dir / "lr_schedule.npy")
 
         # model + DeepSpeed engine (backbone, projector)
         torch.manual_seed(cfg.train.seed)
         channels = cfg.data.channels
-        self.model = build_model(cfg.model, cfg.data.image_size, channels).to(self.device)
+        self.dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32  # parameters and head
+        self.model = build_model(cfg.model, cfg.data.image_size, channels).to(self.device, self.dtype)
+        host_sync_batchnorm(self.model)  # distributed: SyncBatchNorm that also runs on CPU/gloo (no-op without it)
         self.initial_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        self.objective = build_objective(cfg, self.model, self.manifest, self.device)
+        self.objective = build_objective(cfg, self.model, self.manifest, self.device).to(self.dtype)
         params = [p for p in list(self.model.parameters()) + list(self.objective.parameters()) if p.requires_grad]
         if cfg.optim.name == "adamw":
             opt = torch.optim.AdamW(params, lr=float(self.lrs[0]), betas=tuple(cfg.optim.betas),
@@ -83,6 +91,8 @@ class Trainer:
         else:
             opt = torch.optim.SGD(params, lr=float(self.lrs[0]), momentum=cfg.optim.momentum,
                                   weight_decay=cfg.optim.weight_decay)
+        if self.dtype == torch.float64:
+            _allow_fp64_gradient_reduction()
         module = _Joint(self.model, self.objective)
         self.engine, self.optimizer = build_engine(module, opt, cfg.train, cfg.optim)
 
@@ -104,15 +114,16 @@ class Trainer:
                       extra_negatives=cfg.head.extra_negatives)
         if cfg.head.store == "dense":
             return DenseHead(n, d, self.lrs, cfg.optim, loss=cfg.head.loss, seed=cfg.head.seed,
-                             device=self.device, **common)
-        meta = HeadMeta(num_rows=n, dim=d, optimizer=make_head_optimizer_meta(cfg.optim, cfg.head.optimizer_mode),
+                             device=self.device, dtype=self.dtype, **common)
+        meta = HeadMeta(num_rows=n, dim=d, dtype=str(self.dtype).removeprefix("torch."),
+                        optimizer=make_head_optimizer_meta(cfg.optim, cfg.head.optimizer_mode),
                         chunk_rows=int(self.manifest.shard_size))
         if cfg.head.store == "memory":
             store = MemoryHeadStore(meta, seed=cfg.head.seed)
         else:
             from storage.head import open_or_create_store  # noqa: PLC0415
 
-            path = cfg.head.store_path or str(self.run_dir / ("head.zarr" if self.world == 1 else f"head-rank{self.rank}.zarr"))
+            path = rank_store_path(cfg.head.store_path, self.run_dir, self.rank, self.world)  # distributed: one store per rank
             store = open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume,
                                          memory_budget_bytes=cfg.head.memory_budget_mb << 20,
                                          owned_rows=self.loader.owned_rows() if self.world > 1 else None)
@@ -181,9 +192,10 @@ class Trainer:
         return loss.detach()
 
     def forward_backward(self, batch, t: int, upcoming) -> torch.Tensor:
-        x, index = batch[0].to(self.device, non_blocking=True), batch[1]
+        x, index = batch[0].to(self.device, self.dtype, non_blocking=True), batch[1]
         labels = batch[2] if len(batch) > 2 else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"), \
+                batch_ce_scope(self.head, self.cfg.train.batch_ce):  # distributed: train.batch_ce=global hook
             loss = self.objective.loss(self.engine, x, index.numpy(), labels, t, upcoming, self.head)
         self.engine.backward(loss)
         return loss
@@ -215,6 +227,17 @@ class _Joint(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def _allow_fp64_gradient_reduction() -> None:
+    """DeepSpeed's accelerators list the dtypes they all-reduce; fp64 reference runs need float64,
+    which gloo and nccl both reduce. Extends the list once (only for train.precision=fp64)."""
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    acc = get_accelerator()
+    if torch.float64 not in acc.supported_dtypes():
+        base = acc.supported_dtypes
+        acc.supported_dtypes = lambda: [*base(), torch.float64]
 
 
 def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:

@@ -16,8 +16,9 @@ def extract_features(model, loader, device: torch.device) -> tuple[torch.Tensor,
     was_training = model.training
     model.eval()
     feats, labels = [], []
+    dtype = next(model.parameters()).dtype
     for x, _index, y in loader.epoch(0):
-        feats.append(model.features(x.to(device, non_blocking=True)).float().cpu())  # device → host sync
+        feats.append(model.features(x.to(device, dtype, non_blocking=True)).float().cpu())  # device → host sync
         labels.append(y)
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)

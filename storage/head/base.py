@@ -7,13 +7,21 @@ store. Both pass the conformance suite in `tests/unit/storage/`.
 
 Contract
 --------
-* `read_rows(index)` takes sorted, unique int64 row ids and returns a `RowBlock` of copies; the
+* `read_rows(index)` takes sorted, unique int64 row ids (the engine passes `np.unique(batch)`;
+  anything else raises ValueError, see `check_index`) and returns a `RowBlock` of copies; the
   caller may modify them freely.
-* `write_rows(block)` stores the block's rows (all four fields). A later `read_rows` of any of
+* `write_rows(block)` stores the block's rows (all four fields) and may return before they reach
+  disk; the store copies the block, so the caller may reuse it. A later `read_rows` of any of
   those rows returns the written values, even while the write is still in flight to disk.
 * `prefetch(index)` is a hint that `read_rows(index)` will follow; backends may start I/O.
 * `flush()` makes every accepted write durable; `close()` flushes and releases resources.
+* `commit(S)` / `recover(S)`: recovery points, see their docstrings. `commits` lists the steps
+  `recover` can restore (the newest and the one-but-newest commit).
 * `step_stamps` is the in-memory (N,) int64 vector of step stamps (the only O(N) host array).
+* A store opened read-only (`read_only`) serves reads; writes, commit and recover raise
+  `HeadStoreReadOnlyError`.
+* `stats()` returns a flat dict of counters (rows and bytes moved, stall seconds, queue depth);
+  backends without I/O return what applies.
 """
 
 from __future__ import annotations
@@ -102,10 +110,48 @@ def head_init(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype = t
     return out
 
 
+def check_index(index: np.ndarray, num_rows: int) -> np.ndarray:
+    """Validate a row-id vector against the contract: 1-D integers, strictly increasing, in [0, N).
+
+    Returns it as a contiguous (M,) int64 array. Cost: O(M), vectorised.
+    """
+    idx = np.asarray(index)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"row index must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return idx
+    if idx[0] < 0 or idx[-1] >= num_rows or (idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
+        bad = idx[(idx < 0) | (idx >= num_rows)]
+        if bad.size:
+            raise ValueError(f"row index {int(bad[0])} is out of range [0, {num_rows})")
+        raise ValueError("row index must be sorted and free of duplicates: pass np.unique(batch_indices)")
+    return idx
+
+
+def check_commit_step(step: int, last: int, written_since: bool, what: str = "head store") -> None:
+    """Commit steps increase; re-committing the last step is allowed only when nothing was written since."""
+    if step < last or (step == last and written_since):
+        raise ValueError(
+            f"cannot commit {what} at step {step}: its last commit is step {last} and commit steps must "
+            "increase (re-committing the same step is allowed only when no row was written since)"
+        )
+
+
+def check_recover_target(step: int, commits: list[int], what: str = "head store") -> None:
+    """Raise ValueError unless `step` is one of the restorable commits."""
+    if step not in commits:
+        raise ValueError(
+            f"cannot recover {what} to step {step}: it can restore only steps {commits} (its newest and "
+            "one-but-newest commits); resume from the checkpoint of one of those steps"
+        )
+
+
 class HeadStore(abc.ABC):
     """Abstract head store (see the module docstring for the contract)."""
 
     meta: HeadMeta
+    read_only: bool = False
 
     @abc.abstractmethod
     def read_rows(self, index: np.ndarray) -> RowBlock: ...
@@ -116,6 +162,15 @@ class HeadStore(abc.ABC):
     @property
     @abc.abstractmethod
     def step_stamps(self) -> np.ndarray: ...
+
+    @property
+    def commits(self) -> list[int]:
+        """Steps `recover` can restore, oldest first (at most two: one-but-newest and newest)."""
+        return [self.meta.global_step]
+
+    def stats(self) -> dict[str, float]:
+        """Flat dict of counters (see the backend); empty where nothing is measured."""
+        return {}
 
     def prefetch(self, index: np.ndarray) -> None:  # noqa: B027 - optional hint
         """Hint that `read_rows(index)` follows soon."""
@@ -136,9 +191,8 @@ class HeadStore(abc.ABC):
         self.meta.global_step = step
 
     def recover(self, step: int) -> None:
-        """Restore the state recorded by `commit(step)`."""
-        if step != self.meta.global_step:
-            raise ValueError(f"cannot recover head store to step {step}: it holds step {self.meta.global_step}")
+        """Restore the state recorded by `commit(step)`; `step` must be in `commits`."""
+        check_recover_target(step, self.commits)
 
     def close(self) -> None:
         self.flush()
