@@ -36,6 +36,8 @@ class DataConfig:
     """lower bound of RandomResizedCrop's area scale."""
     flip: bool = True
     """random horizontal flips."""
+    erasing: float = 0.25
+    """probability of RandomErasing after normalisation (the DIET paper's Algorithm 4: 0.25)."""
     num_workers: int = 0
     """loader worker processes (0: decode in the training process)."""
     prepare_digits: bool = False
@@ -245,6 +247,7 @@ class RunConfig:
             (self.data.channels in (1, 3), "data.channels", "1 or 3"),
             (self.data.image_size >= 4, "data.image_size", ">= 4"),
             (0 < self.data.crop_scale_min <= 1, "data.crop_scale_min", "in (0, 1]"),
+            (0.0 <= self.data.erasing <= 1.0, "data.erasing", "a probability in [0, 1]"),
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.model.projector in ("", "mlp"), "model.projector", "'' or 'mlp'"),
             (self.eval.knn_k >= 1, "eval.knn_k", ">= 1"),

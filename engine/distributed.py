@@ -47,11 +47,19 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     import deepspeed  # noqa: PLC0415 - heavy import, only when training
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `diet train`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if "RANK" not in os.environ:  # plain `diet train`: a world of one on a free local port
+            for attempt in range(5):  # the port can be taken between probing and binding: retry
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(_free_port()))
+                try:
+                    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+                    break
+                except dist.DistNetworkError:
+                    if attempt == 4:
+                        raise
+        else:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 

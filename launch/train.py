@@ -78,7 +78,8 @@ def train_and_evaluate(cfg: RunConfig, evaluate: bool = True) -> dict:
     te = time.perf_counter()
     train_m = load_manifest(cfg.data, "eval_train_manifest" if cfg.data.eval_train_manifest else "manifest")
     test_m = load_manifest(cfg.data, "eval_test_manifest")
-    rows = {f"DIET {cfg.model.backbone} (trained, {trainer.step} steps)":
+    name = {"diet": "DIET", "simclr": "SimCLR", "supervised": "Supervised"}[cfg.train.method]
+    rows = {f"{name} {cfg.model.backbone} (trained, {trainer.step} steps)":
             eval_backbone(trainer.model, cfg, train_m, test_m, trainer.device)}
     if cfg.eval.random_init_baseline:
         rand = build_model(cfg.model, cfg.data.image_size, cfg.data.channels).to(trainer.device)
