@@ -26,7 +26,7 @@ def test_train_cli_end_to_end(digits_dir, tmp_path):
            f"--data.eval_train_manifest={digits_dir}/train", f"--data.eval_test_manifest={digits_dir}/test",
            "--data.image_size=8", "--train.batch_size=64", "--train.epochs=1", "--train.max_steps=6",
            f"--train.run_dir={run}", "--train.progress=false", "--eval.probe_epochs=2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "kNN top-1" in out.stdout and "random init" in out.stdout
     assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 6
@@ -44,20 +44,20 @@ def test_train_cli_end_to_end(digits_dir, tmp_path):
     net.maxpool = nn.Identity()
     net.load_state_dict(load_file(str(run / "backbone.safetensors")))
     # an existing run folder is refused without --resume/--overwrite
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
 def test_cli_bad_input_errors(tmp_path):
     run = [sys.executable, "-m", "launch.cli", "train", f"--data.manifest={tmp_path}/nope",
            f"--train.run_dir={tmp_path}/r"]
-    out = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(run, capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "nope" in out.stderr and "diet prepare" in out.stderr
     out = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--optim.lr=-1"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "optim.lr" in out.stderr
     out = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--optim.nosuch=1"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "optim.nosuch" in out.stderr
 
 
