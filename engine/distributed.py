@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +35,18 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "optimizer", "scheduler", "bf16", "fp16", "gradient_clipping")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (env:// rendezvous). Returns (rank, world)."""
     import deepspeed  # noqa: PLC0415 - heavy import, only when training
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" not in os.environ:  # plain `diet train`: a world of one on a free local port
-            for attempt in range(5):  # the port can be taken between probing and binding: retry
-                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(_free_port()))
-                try:
-                    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-                    break
-                except dist.DistNetworkError:
-                    if attempt == 4:
-                        raise
-        else:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        if "RANK" not in os.environ:
+            # plain `diet train`: a world of one. An in-process store needs no port, so concurrent
+            # runs on one machine cannot collide on a rendezvous address (EADDRINUSE).
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
