@@ -41,7 +41,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" not in os.environ:
+        if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
             # plain `diet train`: a world of one. An in-process store needs no port, so concurrent
             # runs on one machine cannot collide on a rendezvous address (EADDRINUSE).
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
