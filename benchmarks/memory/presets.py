@@ -5,6 +5,8 @@
   1 warm-up + 2 measured steps each (a CPU step takes 5–20 s). Peak *process* memory (RSS high-water).
 * `cpu-resnet18-32px`: the same at 32 px (CIFAR's size), N = 50k, (c) (d) (e) only: at 16 px the
   ~1 GiB of libraries, weights and optimizer state outweigh the activations, at 32 px less so.
+* `cpu-resnet18-64px`: the same at 64 px (TinyImageNet's size), N ∈ {50k, 1.28M}, (c) (d) (e):
+  the setting of the CPU bars, where activations (not libraries) dominate process memory.
 * `gpu-resnet50`: the s-DIET paper's setting, ResNet-50 at 224 px, B = 256, bf16 autocast, same N
   values, 3 warm-up + 10 measured steps; peak accelerator memory (allocated and reserved) plus host
   RSS. One command on a CUDA machine: `diet bench memory --preset gpu-resnet50`.
@@ -55,6 +57,10 @@ PRESETS: dict[str, MemoryPreset] = {
     # activations dominate only at larger images: the SimCLR / s-DIET / supervised ratios at 32 px
     "cpu-resnet18-32px": MemoryPreset(name="cpu-resnet18-32px", image_size=32, base_image_px=32, sizes=(50_000,),
                                       methods=("c", "d", "e"), measure_steps=2),
+    # TinyImageNet's size (where the s-DIET paper's DIET runs out of memory): activations dominate
+    "cpu-resnet18-64px": MemoryPreset(name="cpu-resnet18-64px", image_size=64, base_image_px=64,
+                                      sizes=(50_000, 1_281_167), methods=("c", "d", "e"), measure_steps=2,
+                                      timeout_s=1800),
     "gpu-resnet50": MemoryPreset(
         name="gpu-resnet50", backbone="resnet50", image_size=224, batch_size=256, precision="bf16",
         device="cuda", methods=METHODS_ALL, warmup_steps=3, measure_steps=10, base_image_px=224,

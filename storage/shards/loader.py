@@ -283,8 +283,23 @@ class _Streams(IterableDataset):
         finally:
             torch.set_num_threads(threads)
         try:
-            images = torch.stack(out)  # (m, C, H, W)
+            images = _stack(out)  # (m, C, H, W)
         except RuntimeError as e:
             raise ValueError(f"images of one batch differ in shape ({e}); pass a transform that resizes "
                              "them to one size") from None
         return images, labels
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; in a DataLoader worker straight into shared memory (as DataLoader's own
+    collate does), so sending the batch to the main process does not copy it a second time
+    (≈ 15 ms per 64 × 3 × 224² float32 batch)."""
+    if get_worker_info() is None or not images:
+        return torch.stack(images)
+    first = images[0]
+    if any(x.shape != first.shape for x in images):
+        raise RuntimeError(f"stack expects each tensor to be equal size, got {first.shape} and others")
+    storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(images), *first.shape)
+    return torch.stack(images, out=out)
+
