@@ -10,7 +10,8 @@ Protocol for step S (crash-safe at every instant):
      `step_S/` (atomic on POSIX).
   3. rank 0 replaces `latest` (temp name + rename), then prunes old checkpoints.
 Resume reads `latest`, loads it with `torch.load(weights_only=True)` (never unpickling objects),
-and `head.recover(S)`.
+and `head.recover(S)`; it first deletes unfinished checkpoints (newer than `latest`), and with no
+checkpoint at all it rolls the head back to its creation (`recover(0)`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from engine.distributed import barrier
+from storage.faults import fault_point
 
 FORMAT_VERSION = 1
 
@@ -78,9 +80,11 @@ def save(trainer) -> Path:
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
     trainer.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    fault_point("checkpoint")  # tests only (storage/faults.py): head committed at S, step_S not renamed
     barrier()
     if trainer.is_main:
         (root / tmp_tag).rename(final)
+        fault_point("latest")  # tests only: step_S complete, `latest` still names the previous one
         _atomic_write_text(root / "latest", tag + "\n")
         _prune(root, trainer.cfg.train.keep_checkpoints)
     barrier()
@@ -93,10 +97,25 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _discard_unfinished(root: Path, tag: str | None) -> None:
+    """Remove what a killed run left beyond `latest`: `.tmp-step_*` folders and `step_*` folders
+    renamed but never named by `latest` (`save` would take such a folder for a finished save)."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("step_") and (tag is None or p.name > tag))):
+            shutil.rmtree(p)
+
+
 def resume(trainer) -> None:
     """Load the newest checkpoint of `trainer.run_dir` into the trainer (fresh start if none)."""
     tag = latest_tag(trainer.run_dir)
-    if tag is None:
+    if trainer.is_main:
+        _discard_unfinished(checkpoint_dir(trainer.run_dir), tag)
+    barrier()
+    if tag is None:  # killed before its first checkpoint: start over, the head as created (step 0)
+        if trainer.head is not None:
+            trainer.head.recover(0)
         return
     path, client_state = trainer.engine.load_checkpoint(
         str(checkpoint_dir(trainer.run_dir)), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False

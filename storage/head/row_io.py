@@ -19,6 +19,7 @@ import numpy as np
 
 from storage.head.checksums import row_crcs, verify_rows
 from storage.head.file_io import IOV_MAX, FdCache, FileIO
+from storage.faults import fault_point
 from storage.head.zarr_layout import CHECKSUM_ARRAY, DATA_ARRAYS, STEP_ARRAY, HeadLayout
 
 
@@ -191,6 +192,8 @@ class RowIO:
                     for s, e, first in group:
                         self.io.pwritev(fd, [memoryview(arr[p]).cast("B") for p in slots[s:e]], first * rb)
                 dirty.append(path)
+                if name == DATA_ARRAYS[0]:
+                    fault_point("scatter")  # tests only (storage/faults.py): rows torn here
             for name, data, width in ((STEP_ARRAY, steps, 8), (CHECKSUM_ARRAY, crcs, 12)):
                 path = lay.chunk_path(name, chunk)
                 with self.fds.use(path) as fd:
