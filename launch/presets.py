@@ -15,15 +15,15 @@ def digits() -> RunConfig:
     cfg.data.image_size = 16
     cfg.data.channels = 3
     cfg.data.strength = 1
-    cfg.data.crop_scale_min = 0.5
+    cfg.data.crop_scale_min = 0.8  # 8 px digits: crops below ~0.8 of the area cut strokes away (0.5: kNN 97.2%, 0.2: 90.6%)
     cfg.data.flip = False  # digits are not mirror-symmetric
     cfg.data.erasing = 0.0  # erasing a quarter of a 16 px digit removes the digit
     cfg.model.backbone = "resnet18"
     cfg.head.loss = "batch"
     cfg.head.store = "memory"
     cfg.train.batch_size = 128
-    cfg.train.epochs = 20
-    cfg.optim.warmup_epochs = 2
+    cfg.train.epochs = 40  # 480 steps, ~4 min on 2 CPU cores (20 epochs: kNN 97.2%)
+    cfg.optim.warmup_epochs = 4
     return cfg
 
 
