@@ -1,0 +1,119 @@
+"""In training: `diet train` step time with the head on disk (Zarr store) vs in memory, same config.
+
+    python benchmarks/bench_train_head_store.py                      # N = 1,281,167 synthetic, resnet18, B = 256
+    python benchmarks/bench_train_head_store.py --num-samples 100000 --steps 100
+
+Both cases are real `diet train` runs (batch CE, exact lazy AdamW, no evaluation) on the same
+synthetic shards (prepared with `diet prepare synthetic` if missing), with the same seed, backbone,
+batch and image size; only `--head.store` differs (`memory`: rows in RAM; `disk`: a Zarr store with
+asynchronous gather ahead / scatter behind, default memory budget). Rounds alternate the two cases so
+that load drift hits both alike; per run, the median img/s of the --log-every windows after the first
+(start-up) is taken, per case the median over rounds. Bar (issue 4): disk ≤ 5% slower per step.
+Writes benchmarks/results/train_head_store.{md,csv,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
+from benchmarks.train_runs import ROOT, median, train, window_img_per_s  # noqa: E402
+
+
+def ensure_synthetic(path: Path, n: int, size: int) -> float:
+    """Prepare N synthetic images at `path` unless a matching manifest is there; seconds spent."""
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from storage.shards import prepare_synthetic  # noqa: PLC0415
+
+    mf = path / "manifest.json"
+    if mf.exists():
+        m = json.loads(mf.read_text())
+        if m.get("num_samples") == n and m.get("source", {}).get("size") == size:
+            return 0.0
+    t0 = time.perf_counter()
+    prepare_synthetic(path, n, size=size, channels=1, overwrite=True, progress=False)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-samples", type=int, default=1_281_167)
+    ap.add_argument("--image-size", type=int, default=8)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="loader workers (data.num_workers)")
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "_work"))
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args(argv)
+
+    work = Path(a.work)
+    data = work / f"synth-{a.num_samples}-{a.image_size}px"
+    prep_s = ensure_synthetic(data, a.num_samples, a.image_size)
+    load0 = os.getloadavg()[0]
+    common = [f"--data.manifest={data}", "--data.eval_train_manifest=", "--data.eval_test_manifest=",
+              "--data.prepare_digits=false", f"--data.image_size={a.image_size}", f"--data.num_workers={a.workers}",
+              f"--model.backbone={a.backbone}", f"--train.batch_size={a.batch_size}", "--train.epochs=1",
+              f"--train.max_steps={a.steps}", f"--train.log_every={a.log_every}", "--head.loss=batch"]
+    runs: dict[str, list[dict]] = {"memory": [], "disk": []}
+    for _ in range(a.rounds):
+        for store in ("memory", "disk"):
+            run = work / f"train_head_store-{store}"
+            shutil.rmtree(run, ignore_errors=True)
+            r = train(run, [*common, f"--head.store={store}"])
+            w = window_img_per_s(r["rows"])
+            last = r["rows"][-1]
+            runs[store].append({"img_per_s": median(w), "windows": [round(x, 1) for x in w], "wall_s": r["wall_s"],
+                                "peak_rss_GB": r["peak_rss_tree_GB"],
+                                "read_stall_s": last.get("head/read_stall_s", 0.0),
+                                "write_stall_s": last.get("head/write_stall_s", 0.0)})
+            shutil.rmtree(run, ignore_errors=True)  # the disk case's store: N·d·3·4 bytes
+    rows = []
+    for store, rs in runs.items():
+        rs = sorted(rs, key=lambda x: x["img_per_s"])
+        med = rs[len(rs) // 2]
+        rows.append({"head": store, "img_per_s": med["img_per_s"], "s_per_step": a.batch_size / med["img_per_s"],
+                     "read_stall_s": med["read_stall_s"], "write_stall_s": med["write_stall_s"],
+                     "peak_rss_GB": med["peak_rss_GB"], "rounds_img_per_s": [round(x["img_per_s"], 1) for x in rs],
+                     "windows_img_per_s": med["windows"]})
+    base = rows[0]["s_per_step"]
+    for r in rows:
+        r["step_time_vs_memory"] = r["s_per_step"] / base
+    slower = rows[1]["step_time_vs_memory"] - 1
+    cols = ["head", "s_per_step", "img_per_s", "step_time_vs_memory", "read_stall_s", "write_stall_s", "peak_rss_GB"]
+    table = markdown_table(rows, cols, ["head", "s/step", "img/s", "step time vs memory", "read stall s (run)",
+                                        "write stall s (run)", "peak RSS GB (tree)"])
+    d = {"resnet18": 512, "resnet34": 512}.get(a.backbone, "the backbone's")
+    verdict = "PASS" if slower <= 0.05 else "MISS"
+    body = (f"`diet train --head.store={{memory,disk}}` with {a.backbone} (d = {d}) at {a.image_size} px, B = "
+            f"{a.batch_size}, batch CE, exact lazy AdamW, on {a.num_samples:,} synthetic samples; {a.steps} steps "
+            f"per run, {a.rounds} rounds alternating the cases, median of {a.log_every}-step windows after the first."
+            f"\n\n{table}\n\n**Disk head vs memory head: {slower * 100:+.1f}% step time** "
+            f"(bar ≤ +5%: {verdict}).\n\n"
+            + "img/s of every round: " + "; ".join(f"{r['head']}: {r['rounds_img_per_s']}" for r in rows)
+            + "\n\nWindows of the median run: " + "; ".join(f"{r['head']}: {r['windows_img_per_s']}" for r in rows))
+    config = {"num_samples": a.num_samples, "image_size": a.image_size, "backbone": a.backbone,
+              "batch_size": a.batch_size, "steps": a.steps, "log_every": a.log_every, "rounds": a.rounds,
+              "workers": a.workers, "prepare_s": round(prep_s, 1), "load_average_1m_at_start": round(load0, 2),
+              "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
+    out = Path(a.out)
+    write_csv(out / "train_head_store.csv", rows, cols)
+    path = write_report("train_head_store", "In training: disk head vs memory head step time", body, machine_stamp(),
+                        config, rows, out_dir=out)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

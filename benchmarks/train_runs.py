@@ -1,0 +1,120 @@
+"""Run `diet train` as a subprocess the way a user does, sampling the peak RSS of its process tree.
+
+Shared by the training benchmarks (bench_train_head_store.py, bench_train_scale.py): one place that
+starts the run, watches metrics.csv, optionally SIGKILLs it once a step is logged, and reads back the
+per-window throughput and head counters the run logged itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+
+class TreeRSS:
+    """Peak resident set of a process and of it plus its children (loader workers), sampled every `period` s."""
+
+    def __init__(self, pid: int, period: float = 0.1) -> None:
+        import psutil  # noqa: PLC0415
+
+        self.proc = psutil.Process(pid)
+        self.peak_main = self.peak_tree = 0
+        self._period, self._stop = period, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil  # noqa: PLC0415
+
+        while not self._stop.is_set():
+            try:
+                main = self.proc.memory_info().rss
+                kids = 0
+                for c in self.proc.children(recursive=True):
+                    try:
+                        kids += c.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:  # exited
+                return
+            self.peak_main, self.peak_tree = max(self.peak_main, main), max(self.peak_tree, main + kids)
+            time.sleep(self._period)
+
+    def __enter__(self) -> TreeRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def read_metrics(run: Path) -> list[dict[str, float]]:
+    try:
+        with (run / "metrics.csv").open() as f:
+            return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []
+
+
+def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_step: int | None = None,
+          log: Path | None = None, timeout: float = 7200) -> dict:
+    """`python -m launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once `kill_at_step` is logged.
+
+    Returns wall time, return code, peak RSS (main process, and with children) and the metrics rows
+    this invocation appended to metrics.csv.
+    """
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    before = len(read_metrics(run))
+    cmd = [sys.executable, "-m", "launch.cli", "train", "--no-eval", f"--train.run_dir={run}",
+           "--train.progress=false", *args]
+    log = log or run.with_name(run.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    killed = False
+    with log.open("a") as out:
+        out.write(f"\n=== {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with TreeRSS(proc.pid) as rss:
+            while proc.poll() is None:
+                if time.perf_counter() - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise TimeoutError(f"diet train ran past {timeout:.0f} s; see {log}")
+                if kill_at_step is not None:
+                    rows = read_metrics(run)
+                    if rows and rows[-1]["step"] >= kill_at_step:
+                        proc.send_signal(signal.SIGKILL)
+                        killed = True
+                        proc.wait()
+                        break
+                time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    rc = proc.returncode
+    if rc != 0 and not killed:
+        raise RuntimeError(f"diet train failed (rc {rc}):\n{log.read_text()[-4000:]}")
+    rows = read_metrics(run)[before:]
+    return {"wall_s": wall, "rc": rc, "killed": killed, "peak_rss_main_GB": rss.peak_main / GB,
+            "peak_rss_tree_GB": rss.peak_tree / GB, "rows": rows}
+
+
+def window_img_per_s(rows: list[dict[str, float]], skip: int = 1) -> list[float]:
+    """img/s of each logged window, the first `skip` (start-up) dropped when more remain."""
+    w = [r["img_per_s"] for r in rows]
+    return w[skip:] if len(w) > skip else w
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
