@@ -1,7 +1,9 @@
 """Who may write a head store: one process at a time, on a writable file system.
 
 `acquire_writer_lock` takes an exclusive flock on `undo_log/writer.lock` (released when its fd is
-closed, also by a crash); `check_writable` turns EROFS/EACCES into an error that says how to open
+closed, also by a crash; `release_writer_lock` closes it). A forked child (a loader worker) would
+share the lock through its copy of the fd and keep the store locked after the trainer is killed,
+until the orphan notices: children close their copies at fork (`os.register_at_fork`); `check_writable` turns EROFS/EACCES into an error that says how to open
 the store read-only for export or evaluation.
 """
 
@@ -27,6 +29,28 @@ def _not_writable(root: str, what: str, e: OSError) -> HeadStoreReadOnlyError:
     return err
 
 
+_HELD: set[int] = set()  # lock fds of this process
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: drop the parent's lock fds (the parent keeps its locks)."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def release_writer_lock(fd: int) -> None:
+    """Close the lock fd (releases the lock)."""
+    _HELD.discard(fd)
+    os.close(fd)
+
+
 def acquire_writer_lock(layout: HeadLayout, io: FileIO) -> int:
     """The fd holding the store's exclusive writer lock (close it to release)."""
     try:
@@ -43,6 +67,7 @@ def acquire_writer_lock(layout: HeadLayout, io: FileIO) -> int:
             f"head store {layout.root} is already open for writing by another process or store "
             "object (a store has one writer); close it first, or open this one with mode='r'"
         ) from None
+    _HELD.add(fd)
     return fd
 
 

@@ -53,7 +53,7 @@ from storage.head.prefetcher import Gatherer
 from storage.head.row_io import RowIO
 from storage.head.undo_log import Bitset, UndoLog
 from storage.head.write_behind import WriteBehind, WriteJob
-from storage.head.writer_lock import acquire_writer_lock, check_writable
+from storage.head.writer_lock import acquire_writer_lock, check_writable, release_writer_lock
 from storage.head.zarr_layout import (
     DATA_ARRAYS,
     HeadLayout,
@@ -201,7 +201,7 @@ class ZarrHeadStore(HeadStore):
         self.undo.close()
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
-                os.close(self._lock_fd)  # releases the flock
+                release_writer_lock(self._lock_fd)
             self._lock_fd = None
 
     # ---- small helpers --------------------------------------------------------------------------

@@ -193,6 +193,37 @@ def test_second_writer_is_refused_readers_are_not(store):
     ro.close()
 
 
+def test_forked_child_does_not_hold_the_writer_lock(tmp_path):
+    """A loader worker forked by the trainer must not keep the store locked once the trainer dies."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "head.zarr"
+    ZarrHeadStore.create(path, make_meta()).close()
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from storage.head import ZarrHeadStore
+        s = ZarrHeadStore.open({str(path)!r})
+        pid = os.fork()
+        if pid == 0:            # the 'worker': outlives its parent
+            time.sleep(60)
+            os._exit(0)
+        print(pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # the trainer is killed, no cleanup
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    child = int(out.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        ZarrHeadStore.open(path).close()  # ... yet the store is free for the resumed trainer
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_reopen_after_unclean_stop_then_recover(store):
     """Rows flushed but not committed survive a close; recover() rolls them back."""
     model = Model(make_meta(), 1)
