@@ -22,9 +22,9 @@ before each order (posix_fadvise DONTNEED), so reads come from the disk. Bars (i
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +35,7 @@ if __package__ in (None, ""):
 
 from benchmarks.bench_head_common import WORK, disk_stamp, evict, load_average, raw_sequential_bandwidth  # noqa: E402
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
+from benchmarks.train_runs import TreeRSS  # noqa: E402
 from storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
 
 GB = 1e9
@@ -62,33 +63,10 @@ def random_batches(n: int, b: int, steps: int, seed: int) -> list[np.ndarray]:
     return [np.unique(rng.integers(0, n, b)) for _ in range(steps)]
 
 
-class PeakRSS:
-    """Samples this process's resident set every 20 ms (psutil)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def run_order(path: Path, meta: HeadMeta, batches: list[np.ndarray], cfg: ZarrHeadStoreConfig, lookahead: int,
               commit_every: int, step0: int) -> dict:
     evict([path])
-    with PeakRSS() as rss:
+    with TreeRSS(os.getpid(), period=0.02) as rss:
         store = ZarrHeadStore.open(path, meta, config=cfg)
         store.stats(reset=True)
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -123,7 +101,7 @@ def run_order(path: Path, meta: HeadMeta, batches: list[np.ndarray], cfg: ZarrHe
         "read_stall_s": st["read_stall_s"], "write_stall_s": st["write_stall_s"],
         "cache_hits": st["cache_hits"], "cache_misses": st["cache_misses"], "prefetch_dropped": st["prefetch_dropped"],
         "max_commit_s": commit_s, "commits": st["commits"], "cpu_ms_per_step": 1e3 * cpu / len(batches),
-        "peak_rss_GB": rss.peak / GB, "io_queue_peak": st["io_queue_peak"], "write_queue_peak_rows": st["write_queue_peak_rows"],
+        "peak_rss_GB": rss.peak_main / GB, "io_queue_peak": st["io_queue_peak"], "write_queue_peak_rows": st["write_queue_peak_rows"],
     }
 
 

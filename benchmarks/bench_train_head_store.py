@@ -24,24 +24,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from benchmarks.train_runs import ROOT, median, train, window_img_per_s  # noqa: E402
-
-
-def ensure_synthetic(path: Path, n: int, size: int) -> float:
-    """Prepare N synthetic images at `path` unless a matching manifest is there; seconds spent."""
-    import json  # noqa: PLC0415
-    import time  # noqa: PLC0415
-
-    from storage.shards import prepare_synthetic  # noqa: PLC0415
-
-    mf = path / "manifest.json"
-    if mf.exists():
-        m = json.loads(mf.read_text())
-        if m.get("num_samples") == n and m.get("source", {}).get("size") == size:
-            return 0.0
-    t0 = time.perf_counter()
-    prepare_synthetic(path, n, size=size, channels=1, overwrite=True, progress=False)
-    return time.perf_counter() - t0
+from benchmarks.train_runs import ROOT, ensure_synthetic, median, train, window_img_per_s  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_train_head_store import ensure_synthetic  # noqa: E402
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from benchmarks.train_runs import GB, ROOT, median, read_metrics, train, window_img_per_s  # noqa: E402
+from benchmarks.train_runs import GB, ROOT, ensure_synthetic, median, startup_s, train, window_img_per_s  # noqa: E402
 
 
 def _store_bytes(n: int, d: int) -> int:
@@ -96,14 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"the run ended before step {kill_at} was logged: no kill landed")
     latest = (run / "checkpoints" / "latest").read_text().strip()
     second = train(run, [*args, "--train.resume=true"])
-    rows2 = second["rows"]
-    # start-up (process start to the first step, head recovery included): wall minus the logged windows
-    resume_startup_s = (second["wall_s"] - sum(a.log_every * a.batch_size / r["img_per_s"] for r in rows2)
-                        if rows2 else None)
+    resume_startup_s = startup_s(second, a.log_every, a.batch_size)  # head recovery included
     store_path = run / "head.zarr"
     store_GB = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()) / GB if store_path.exists() else None
-    # start-up of the first run (imports, DeepSpeed, creating the store: N × d weights written)
-    create_s = first["wall_s"] - sum(a.log_every * a.batch_size / r["img_per_s"] for r in first["rows"])
+    create_s = startup_s(first, a.log_every, a.batch_size)  # creating the store: N × d weights written
     rows = [_summary("train (SIGKILLed)", first, a.batch_size), _summary("resume", second, a.batch_size)]
     cols = ["case", "first_step", "last_step", "steps_per_s", "img_per_s", "read_stall_s", "write_stall_s",
             "head_rows_per_s", "head_MB_per_s", "peak_rss_main_GB", "peak_rss_tree_GB", "wall_s"]

@@ -8,6 +8,7 @@ per-window throughput and head counters the run logged itself.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import statistics
@@ -118,3 +119,23 @@ def window_img_per_s(rows: list[dict[str, float]], skip: int = 1) -> list[float]
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def startup_s(run: dict, log_every: int, batch: int) -> float:
+    """Seconds of a `train` result not spent in its logged windows: start-up (imports, DeepSpeed,
+    creating or recovering the head store) up to the first step."""
+    return run["wall_s"] - sum(log_every * batch / r["img_per_s"] for r in run["rows"])
+
+
+def ensure_synthetic(path: Path, n: int, size: int) -> float:
+    """Prepare N synthetic images at `path` unless a matching manifest is there; seconds spent."""
+    from storage.shards import prepare_synthetic  # noqa: PLC0415
+
+    mf = path / "manifest.json"
+    if mf.exists():
+        m = json.loads(mf.read_text())
+        if m.get("num_samples") == n and m.get("source", {}).get("size") == size:
+            return 0.0
+    t0 = time.perf_counter()
+    prepare_synthetic(path, n, size=size, channels=1, overwrite=True, progress=False)
+    return time.perf_counter() - t0
