@@ -21,9 +21,12 @@ class ZarrHeadStoreConfig:
     readahead_rows: int = 32
     """A gather with at least this many rows in one chunk (streaming order) advises the kernel to
     read that whole chunk sequentially (posix_fadvise WILLNEED); 0 disables."""
-    max_open_files: int = 4096
-    """Chunk-file descriptors kept open (5 files per chunk; capped at half the RLIMIT_NOFILE soft
-    limit). When every chunk file fits, descriptors stay open and cost no bookkeeping per access."""
+    max_open_files: int = 65536
+    """Chunk-file descriptors kept open (5 files per chunk: ImageNet-1k at R = 1000 has 6,410). The
+    store raises the RLIMIT_NOFILE soft limit towards the hard one to hold twice what it needs and
+    caps this at half the soft limit. When every chunk file fits, descriptors stay open and cost
+    no bookkeeping per access; otherwise they are opened and closed LRU (measured: ~6× the CPU per
+    step in the random order at N = 1.28M)."""
     init_threads: int = 4
     """Threads writing initial weights at creation."""
 

@@ -96,6 +96,19 @@ class FileIO:
         self.fsync_dir(os.path.dirname(path) or ".")
 
 
+def raise_nofile_limit(want: int) -> int:
+    """Raise the RLIMIT_NOFILE soft limit to `want` descriptors (at most the hard limit) if it is
+    lower, as servers and data loaders do; returns the soft limit now in force (-1: unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    return soft
+
+
 class _Held:
     """`with` target of a descriptor that is never closed before the cache is (no bookkeeping)."""
 
@@ -126,7 +139,7 @@ class FdCache:
                  expected_files: int = 0) -> None:
         self.io = io
         self.flags = os.O_RDWR if writable else os.O_RDONLY
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = raise_nofile_limit(2 * min(max_open, expected_files))
         self.max_open = max(8, min(max_open, soft // 2 if soft > 0 else max_open))
         self.evicting = expected_files > self.max_open
         self.random_access = random_access

@@ -40,13 +40,19 @@ class Gatherer:
         if rows.size == 0:
             return
         self.cache.pin(slots)
-        if self.readahead_rows:
-            counts = np.unique(rows // self.row_io.layout.chunk_rows, return_counts=True)[1]
-            if counts.max() >= self.readahead_rows:
-                self.pool.submit(self.row_io.readahead, rows)
-        per = max(8, math.ceil(rows.size / self.io_threads))
-        for i in range(0, rows.size, per):
-            r, s = rows[i : i + per], slots[i : i + per]
+        chunk = rows // self.row_io.layout.chunk_rows
+        starts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])  # rows are sorted
+        clustered = self.readahead_rows and np.diff(np.r_[starts, rows.size]).max() >= self.readahead_rows
+        if clustered:
+            # streaming order: the kernel reads these chunks ahead sequentially, so one task per
+            # chunk (one call per array for its span, see RowIO._dense_span) beats a deep queue
+            self.pool.submit(self.row_io.readahead, rows)
+            bounds = [*starts.tolist(), rows.size]
+        else:  # random order: ~rows/io_threads rows per task, io_threads reads outstanding
+            per = max(8, math.ceil(rows.size / self.io_threads))
+            bounds = [*range(0, rows.size, per), rows.size]
+        for i, j in zip(bounds[:-1], bounds[1:], strict=True):
+            r, s = rows[i:j], slots[i:j]
             fut = self.pool.submit(self._task, r, s)
             for row in r.tolist():
                 self.cache.loading[row] = fut
