@@ -3,13 +3,9 @@
 A row of array a lives at a fixed byte offset of one chunk file (see zarr_layout), so reading or
 writing B rows is B·3 `preadv`/`pwritev` calls straight into (or from) slots of a reusable buffer:
 no chunk decode, no read-modify-write of a 40 MB chunk. Consecutive row ids of one chunk are
-coalesced into one vectored call. In the random order, per row and direction: 3 data calls of
-d·itemsize bytes, 1 checksum call of 12 bytes, and on writes 1 step call of 8 bytes. In the
-streaming order a batch holds a dense subset of a chunk's rows: its span is moved with one call per
-array (`_dense_span`; writes read-modify-write the span, so rows between the runs are rewritten
-with the bytes they hold: only the write-behind thread writes, and rows with writes still queued
-are never read from disk, so nothing can interleave). Callers run these from a thread pool; every
-call releases the GIL in the kernel.
+coalesced into one vectored call (the streaming order produces such runs). Per row and direction:
+3 data calls of d·itemsize bytes, 1 checksum call of 12 bytes, and on writes 1 step call of 8
+bytes. Callers run these from a thread pool; every call releases the GIL in the kernel.
 """
 
 from __future__ import annotations
@@ -110,23 +106,14 @@ class RowIO:
         stored = np.empty((rows.size, 3), dtype="<u4") if self.verify else None
         slots = pos.tolist()
         for chunk, group in chunk_groups(rows, lay.chunk_rows):
-            dense = self._dense_span(group)
-            if dense is not None:
-                span = np.empty((dense[1] - dense[0], lay.dim), dtype=lay.dtype)  # reused by the 3 arrays
-                g0, g1 = group[0][0], group[-1][1]
-                local, gpos = rows[g0:g1] - (chunk * lay.chunk_rows + dense[0]), pos[g0:g1]
             for name, arr in zip(DATA_ARRAYS, dst, strict=True):
                 path = lay.chunk_path(name, chunk)
                 if path in self.zero_files:
                     arr[pos[group[0][0] : group[-1][1]]] = 0
                     continue
                 with self.fds.use(path) as fd:
-                    if dense is not None:  # one read of the chunk's span, then a gather copy
-                        self.io.preadv(fd, [memoryview(span).cast("B")], dense[0] * rb)
-                        arr[gpos] = span[local]
-                    else:
-                        for s, e, first in group:
-                            self.io.preadv(fd, [memoryview(arr[p]).cast("B") for p in slots[s:e]], first * rb)
+                    for s, e, first in group:
+                        self.io.preadv(fd, [memoryview(arr[p]).cast("B") for p in slots[s:e]], first * rb)
             if stored is not None:
                 path = lay.chunk_path(CHECKSUM_ARRAY, chunk)
                 if path in self.zero_files:
@@ -138,25 +125,6 @@ class RowIO:
             verify_rows(stored, row_crcs(dst, pos), rows, DATA_ARRAYS, lay.chunk_rows, lay.root)
 
     SPAN_BYTES = 64 << 10  # step/checksum rows of one chunk moved as one span when it is this small
-    DENSE_SPAN_BYTES = 4 << 20  # data rows of one chunk moved as one span when it is at most this big ...
-    DENSE_FRACTION = 4  # ... and at most this many times the bytes of the rows wanted
-
-    def _dense_span(self, group: list[tuple[int, int, int]]) -> tuple[int, int] | None:
-        """Rows [lo, hi) of the chunk when its runs are dense enough to move the whole span at once.
-
-        The streaming (shard-clustered) order puts ~B of a chunk's R rows in one batch, in runs of
-        1-2 rows: one call per array and chunk (plus the copy of the rows between the runs, which
-        the kernel makes from the page cache the read-ahead filled) replaces ~B calls whose Python
-        bookkeeping costs more than the bytes (measured: ~4 µs a call against ~0.2 µs per KiB).
-        """
-        if len(group) == 1:
-            return None
-        lo, hi = group[0][2], group[-1][2] + group[-1][1] - group[-1][0]
-        wanted = group[-1][1] - group[0][0]
-        rb = self.layout.row_bytes
-        if (hi - lo) * rb > self.DENSE_SPAN_BYTES or hi - lo > self.DENSE_FRACTION * wanted:
-            return None
-        return lo, hi
 
     def _span_io(self, fd: int, data: np.ndarray, group: list[tuple[int, int, int]], width: int, write: bool) -> None:
         """Move the small per-row fields (steps: 8 B, checksums: 12 B) of one chunk's runs.
@@ -218,21 +186,11 @@ class RowIO:
         slots = pos.tolist()
         dirty = []
         for chunk, group in chunk_groups(rows, lay.chunk_rows):
-            dense = self._dense_span(group)
-            if dense is not None:
-                span = np.empty((dense[1] - dense[0], lay.dim), dtype=lay.dtype)
-                g0, g1 = group[0][0], group[-1][1]
-                local, gpos = rows[g0:g1] - (chunk * lay.chunk_rows + dense[0]), pos[g0:g1]
             for name, arr in zip(DATA_ARRAYS, src, strict=True):
                 path = lay.chunk_path(name, chunk)
                 with self.fds.use(path) as fd:
-                    if dense is not None:  # read-modify-write of the span: rows between the runs keep their bytes
-                        self.io.preadv(fd, [memoryview(span).cast("B")], dense[0] * rb)
-                        span[local] = arr[gpos]
-                        self.io.pwritev(fd, [memoryview(span).cast("B")], dense[0] * rb)
-                    else:
-                        for s, e, first in group:
-                            self.io.pwritev(fd, [memoryview(arr[p]).cast("B") for p in slots[s:e]], first * rb)
+                    for s, e, first in group:
+                        self.io.pwritev(fd, [memoryview(arr[p]).cast("B") for p in slots[s:e]], first * rb)
                 dirty.append(path)
                 if name == DATA_ARRAYS[0]:
                     fault_point("scatter")  # tests only (storage/faults.py): rows torn here

@@ -50,6 +50,7 @@ class WriteBehind:
         self.on_done = on_done
         self.group_rows = group_rows
         self.busy_s = 0.0  # seconds spent writing (for stats)
+        self.cpu_s = 0.0  # CPU seconds of this thread spent writing (time.thread_time)
         self._q: queue.SimpleQueue[WriteJob | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="head-write-behind", daemon=True)
@@ -100,11 +101,12 @@ class WriteBehind:
             group, stop = self._take_group()
             if not group:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             if self._error is None:
                 try:
                     self._write(group)
                 except BaseException as e:  # noqa: BLE001 - reported to the store, never lost
                     self._error = e
             self.busy_s += time.perf_counter() - t0
+            self.cpu_s += time.thread_time() - c0
             self.on_done(group, self._error)

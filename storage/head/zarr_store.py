@@ -70,7 +70,7 @@ from storage.head.zarr_layout import (
 _COUNTERS = (
     "rows_read", "rows_gathered", "rows_written", "bytes_read", "bytes_written", "cache_hits",
     "cache_misses", "prefetch_dropped", "read_stall_s", "write_stall_s", "write_queue_peak_rows",
-    "io_queue_peak", "commits", "commit_s", "recover_s",
+    "io_queue_peak", "commits", "commit_s", "recover_s", "gather_cpu_s",
 )  # fmt: skip
 
 
@@ -500,7 +500,8 @@ class ZarrHeadStore(HeadStore):
 
         rows_read: rows returned by read_rows; rows_gathered / bytes_read: rows read from disk;
         rows_written / bytes_written: rows written in place (data bytes); undo_bytes: undo log
-        appends; cache_hits / cache_misses: read_rows rows that were / were not already resident or
+        appends; gather_cpu_s / writer_cpu_s: CPU seconds of the gather tasks / the write-behind
+        thread (what the store takes from a CPU-bound training step); cache_hits / cache_misses: read_rows rows that were / were not already resident or
         prefetched; read_stall_s: read_rows waiting for disk; write_stall_s: write_rows blocked on
         back-pressure; write_queue_rows / io_queue_depth: now; *_peak: maxima.
         """
@@ -515,6 +516,7 @@ class ZarrHeadStore(HeadStore):
                 write_queue_rows=float(self._queue_rows),
                 io_queue_depth=float(self._gather.inflight),
                 writer_busy_s=self._writer.busy_s if self._writer else 0.0,
+                writer_cpu_s=self._writer.cpu_s if self._writer else 0.0,
                 cache_rows=float(self.cache.pool.capacity),
                 cache_resident_rows=float(len(self.cache)),
                 staging_rows=float(self.staging.capacity if self.staging else 0),
@@ -524,7 +526,7 @@ class ZarrHeadStore(HeadStore):
                 self._counters.update(dict.fromkeys(_COUNTERS, 0.0))
                 self.undo.bytes_appended = 0
                 if self._writer:
-                    self._writer.busy_s = 0.0
+                    self._writer.busy_s = self._writer.cpu_s = 0.0
                 self._t_open = time.perf_counter()
         return out
 
