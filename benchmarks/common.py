@@ -61,12 +61,16 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str:
-    """HEAD's short hash (read-only), '+dirty' when the tree has changes; '' outside a checkout."""
+    """HEAD's short hash (read-only), '+dirty' when the code has changes; '' outside a checkout.
+
+    benchmarks/results/ is left out of the check: a benchmark writes its own tables there before it
+    stamps them, and results do not change what was measured."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
