@@ -8,6 +8,7 @@ backend go through `state_dict()` / `load_state_dict()`.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ class MemoryHeadStore(HeadStore):
     def __init__(self, meta: HeadMeta, seed: int = 0, read_only: bool = False) -> None:
         if meta.dtype not in _DTYPES:
             raise ValueError(f"dtype {meta.dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
-        self.meta = meta
+        self.meta = copy.deepcopy(meta)  # commits advance meta.global_step: never the caller's object
         self.seed = seed
         self.read_only = read_only
         dt = _DTYPES[meta.dtype]
