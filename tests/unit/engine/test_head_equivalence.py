@@ -33,7 +33,7 @@ def plan(order: str, steps: int, seed: int = 0) -> list[np.ndarray]:
     if order == "random":
         for _ in range(steps):
             out.append(rng.integers(0, N, B))
-    elif order == "streaming":  # two shards open at a time, samples shuffled inside them
+    elif order == "streaming":  # shard after shard in a random order, samples shuffled inside each
         perm = np.concatenate([c * R + rng.permutation(min(R, N - c * R)) for c in rng.permutation(-(-N // R))])
         pos = 0
         for _ in range(steps):
@@ -80,7 +80,7 @@ def _setup(order: str, name: str, dtype: torch.dtype):
 
 
 def _disk_run(path, meta, lrs, cfg, batches, zs):
-    """Train through the disk store; return (losses, live export, export after reopening read-only, stats)."""
+    """Train through the disk store; return (losses, live export, export after reopening read-only)."""
     conf = ZarrHeadStoreConfig(memory_budget_bytes=BUDGET)
     lazy = LazyHead(ZarrHeadStore.create(path, meta, seed=3, config=conf), lrs, cfg)
     try:
