@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `kernels
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from kernels.batch_ce import batch_cross_entropy_reference  # noqa: E402
+from diet_engine.kernels.batch_ce import batch_cross_entropy_reference  # noqa: E402
 
 EPS, SCALE = 0.8, 10.0
 MiB = 2**20
@@ -56,7 +56,7 @@ def _inputs(B, M, d, dtype, device):
 def _implementations(device: str, workspace_mib: list[int]) -> dict:
     impls = {"eager": batch_cross_entropy_reference}
     if device == "cuda":
-        import kernels._batch_ce_triton as backend  # noqa: PLC0415
+        import diet_engine.kernels._batch_ce_triton as backend  # noqa: PLC0415
 
         impls["compile"] = torch.compile(batch_cross_entropy_reference, dynamic=False)
         impls["fused"] = backend.batch_cross_entropy_fused

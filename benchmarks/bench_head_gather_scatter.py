@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 
 from benchmarks.bench_head_common import WORK, disk_stamp, evict, load_average  # noqa: E402
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
+from diet_engine.storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
 
 ARRAYS = ("weight", "exp_avg", "exp_avg_sq")
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             r["gather_speedup"] = rows[0]["gather_ms"] / r["gather_ms"]
             r["scatter_speedup"] = rows[0]["scatter_ms"] / r["scatter_ms"]
     # checksum cost measured directly: crc32c of B rows × 3 arrays, once per direction (verify + write)
-    from storage.head.checksums import row_crcs
+    from diet_engine.storage.head.checksums import row_crcs
 
     block = [np.random.default_rng(1).random((args.batch, args.dim), dtype=np.float32) for _ in ARRAYS]
     t0 = time.perf_counter()

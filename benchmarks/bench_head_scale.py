@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 from benchmarks.bench_head_common import WORK, disk_stamp, evict, load_average, raw_sequential_bandwidth  # noqa: E402
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
 from benchmarks.train_runs import TreeRSS  # noqa: E402
-from storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
+from diet_engine.storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
 
 GB = 1e9
 

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.lazy_optim import LazyAdamW, _numba  # noqa: E402
+from diet_engine.kernels.lazy_optim import LazyAdamW, _numba  # noqa: E402
 
 N_ROWS, BATCH, D = 1_281_167, 256, 2048
 EPOCH = -(-N_ROWS // BATCH)  # 5,005 steps

@@ -36,10 +36,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `storage
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from engine.augment import make_train_transform  # noqa: E402
-from storage.shards import Manifest, ShardLoader, index_shards, prepare_digits, prepare_synthetic  # noqa: E402
-from storage.shards.sources import encode_png  # noqa: E402
-from storage.shards.writer import TarShard  # noqa: E402
+from diet_engine.engine.augment import make_train_transform  # noqa: E402
+from diet_engine.storage.shards import Manifest, ShardLoader, index_shards, prepare_digits, prepare_synthetic  # noqa: E402
+from diet_engine.storage.shards.sources import encode_png  # noqa: E402
+from diet_engine.storage.shards.writer import TarShard  # noqa: E402
 
 
 def _median_time(fn, repeats: int = 3) -> float:

@@ -105,7 +105,7 @@ def prepare_shards(images: Path, out: Path, shard_size: int) -> Path:
     """`diet prepare folder` (the real command line), reused when the manifest exists."""
     if (out / "manifest.json").exists():
         return out
-    cmd = [sys.executable, "-m", "launch.cli", "prepare", "folder", str(images), "--out", str(out),
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "prepare", "folder", str(images), "--out", str(out),
            "--shard-size", str(shard_size), "--overwrite"]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out
@@ -113,8 +113,8 @@ def prepare_shards(images: Path, out: Path, shard_size: int) -> Path:
 
 # --------------------------------------------------------------------------- loaders
 def _ours(shards: Path, strength: int, batch: int, workers: int):
-    from engine.augment import make_train_transform
-    from storage.shards import ShardLoader
+    from diet_engine.engine.augment import make_train_transform
+    from diet_engine.storage.shards import ShardLoader
 
     t = make_train_transform(224, strength, IMAGENET_MEAN, IMAGENET_STD, channels=3)
     loader = ShardLoader(shards, batch, t, seed=0, num_workers=workers)
@@ -127,7 +127,7 @@ def _imagefolder(images: Path, strength: int, batch: int, workers: int):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    from engine.augment import make_train_transform
+    from diet_engine.engine.augment import make_train_transform
 
     t = v2.Compose([v2.PILToTensor(), make_train_transform(224, strength, IMAGENET_MEAN, IMAGENET_STD, channels=3)])
     ds = ImageFolder(str(images), transform=t)

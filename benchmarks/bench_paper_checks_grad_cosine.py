@@ -62,7 +62,7 @@ class SyntheticImages:
 def backbone_grad_cosine(model, head: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
                          label_smoothing: float) -> float:
     """Cosine between the backbone gradients of full CE and batch CE on the same batch (one forward)."""
-    from kernels import batch_cross_entropy_reference  # noqa: PLC0415
+    from diet_engine.kernels import batch_cross_entropy_reference  # noqa: PLC0415
 
     params = [p for p in model.parameters() if p.requires_grad]
     z = model(x)  # (B, K)
@@ -76,10 +76,10 @@ def backbone_grad_cosine(model, head: torch.Tensor, x: torch.Tensor, index: torc
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.model import build_model  # noqa: PLC0415
-    from storage.head import head_init  # noqa: PLC0415
+    from diet_engine.engine.model import build_model  # noqa: PLC0415
+    from diet_engine.storage.head import head_init  # noqa: PLC0415
 
-    from engine.config import ModelConfig  # noqa: PLC0415
+    from diet_engine.engine.config import ModelConfig  # noqa: PLC0415
 
     out = Path(args.out or RESULTS)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

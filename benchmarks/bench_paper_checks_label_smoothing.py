@@ -40,9 +40,9 @@ def few_shot_bank(labels, per_class: int = FEW_SHOT) -> "object":
 
 def _knn(trainer, cfg, train_m, test_m) -> tuple[float, float]:
     """(kNN accuracy with the full train split as bank, few-shot kNN with FEW_SHOT per class)."""
-    from engine.data import build_eval_loader  # noqa: PLC0415
-    from engine.evaluation.knn import knn_accuracy  # noqa: PLC0415
-    from engine.evaluation.report import extract_features  # noqa: PLC0415
+    from diet_engine.engine.data import build_eval_loader  # noqa: PLC0415
+    from diet_engine.engine.evaluation.knn import knn_accuracy  # noqa: PLC0415
+    from diet_engine.engine.evaluation.report import extract_features  # noqa: PLC0415
 
     ftr, ytr = extract_features(trainer.model, build_eval_loader(cfg, train_m, train_m), trainer.device)
     fte, yte = extract_features(trainer.model, build_eval_loader(cfg, test_m, train_m), trainer.device)
@@ -54,8 +54,8 @@ def _knn(trainer, cfg, train_m, test_m) -> tuple[float, float]:
 
 def train_with_knn(cfg, log=print) -> list[dict]:
     """Train `cfg` with the real Trainer; kNN test accuracy after every epoch (and at init)."""
-    from engine.data import load_manifest  # noqa: PLC0415
-    from engine.trainer import Trainer  # noqa: PLC0415
+    from diet_engine.engine.data import load_manifest  # noqa: PLC0415
+    from diet_engine.engine.trainer import Trainer  # noqa: PLC0415
 
     train_m = load_manifest(cfg.data, "manifest")
     test_m = load_manifest(cfg.data, "eval_test_manifest")
@@ -91,7 +91,7 @@ def train_with_knn(cfg, log=print) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from launch.presets import digits  # noqa: PLC0415
+    from diet_engine.launch.presets import digits  # noqa: PLC0415
 
     out = Path(args.out or RESULTS)
     work = Path(args.work or (REPO / "benchmarks" / "_work" / "label_smoothing"))

@@ -43,7 +43,7 @@ def run_case(work: Path, data: Path, name: str, ranks: int, batch: int, batch_ce
     run = work / f"run-{name}"
     shutil.rmtree(run, ignore_errors=True)  # here, not `train --overwrite`: every rank would delete it
     env_args = ["--env", f"OMP_NUM_THREADS={threads}"] if threads else []
-    cmd = [sys.executable, "-m", "launch.cli", "launch", "--nproc_per_node", str(ranks), *env_args, "train", "--no-eval",
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "launch", "--nproc_per_node", str(ranks), *env_args, "train", "--no-eval",
            f"--data.manifest={data / 'train'}", "--data.eval_test_manifest=",
            "--data.eval_train_manifest=", "--data.prepare_digits=false", f"--data.image_size={a.image_size}",
            f"--model.backbone={a.backbone}", f"--train.batch_size={batch}", "--train.epochs=1000",
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.batch_size % 2:
         ap.error("--batch-size must be even (2 ranks get half each)")
 
-    from storage.shards import prepare_digits  # noqa: PLC0415
+    from diet_engine.storage.shards import prepare_digits  # noqa: PLC0415
 
     work = Path(a.work)
     data = work / "digits"

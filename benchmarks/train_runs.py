@@ -69,7 +69,7 @@ def read_metrics(run: Path) -> list[dict[str, float]]:
 
 def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_step: int | None = None,
           log: Path | None = None, timeout: float = 7200) -> dict:
-    """`python -m launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once `kill_at_step` is logged.
+    """`python -m diet_engine.launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once `kill_at_step` is logged.
 
     Returns wall time, return code, peak RSS (main process, and with children) and the metrics rows
     this invocation appended to metrics.csv.
@@ -78,7 +78,7 @@ def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_ste
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     before = len(read_metrics(run))
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--no-eval", f"--train.run_dir={run}",
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", "--no-eval", f"--train.run_dir={run}",
            "--train.progress=false", *args]
     log = log or run.with_name(run.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def startup_s(run: dict, log_every: int, batch: int) -> float:
 
 def ensure_synthetic(path: Path, n: int, size: int) -> float:
     """Prepare N synthetic images at `path` unless a matching manifest is there; seconds spent."""
-    from storage.shards import prepare_synthetic  # noqa: PLC0415
+    from diet_engine.storage.shards import prepare_synthetic  # noqa: PLC0415
 
     mf = path / "manifest.json"
     if mf.exists():

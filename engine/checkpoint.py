@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from engine.distributed import barrier
-from storage.faults import fault_point
+from diet_engine.engine.distributed import barrier
+from diet_engine.storage.faults import fault_point
 
 FORMAT_VERSION = 1
 
@@ -156,7 +156,7 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
     from safetensors import safe_open  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    from engine.model import build_backbone  # noqa: PLC0415
+    from diet_engine.engine.model import build_backbone  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.augment import make_eval_transform, make_train_transform
-from engine.simclr import TwoViews
-from storage.shards import Manifest, ShardLoader, prepare_digits
+from diet_engine.engine.augment import make_eval_transform, make_train_transform
+from diet_engine.engine.simclr import TwoViews
+from diet_engine.storage.shards import Manifest, ShardLoader, prepare_digits
 
 
 def load_manifest(data_cfg, which: str = "manifest") -> Manifest:

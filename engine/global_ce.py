@@ -40,7 +40,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from kernels import batch_cross_entropy
+from diet_engine.kernels import batch_cross_entropy
 
 
 def _world(group=None) -> int:
@@ -138,7 +138,7 @@ def batch_ce_scope(head, mode: str, group=None) -> Iterator[None]:
         finally:
             head.batch_ce = old
     else:  # the heads of engine/head.py call the module-level name
-        import engine.head as head_module  # noqa: PLC0415
+        import diet_engine.engine.head as head_module  # noqa: PLC0415
 
         old = head_module.batch_cross_entropy
         head_module.batch_cross_entropy = fn

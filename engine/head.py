@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import LazyAdamW, LazySGD, batch_cross_entropy
-from storage.head import HeadMeta, HeadStore, MemoryHeadStore, RowBlock, head_init
+from diet_engine.kernels import LazyAdamW, LazySGD, batch_cross_entropy
+from diet_engine.storage.head import HeadMeta, HeadStore, MemoryHeadStore, RowBlock, head_init
 
 
 def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (), extra: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.simclr import SimclrProjector, nt_xent, stack_views
+from diet_engine.engine.simclr import SimclrProjector, nt_xent, stack_views
 
 
 class DietObjective(nn.Module):

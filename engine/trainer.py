@@ -19,17 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine import checkpoint as ckpt
-from engine.config import RunConfig
-from engine.data import build_train_loader, load_manifest, manifest_stats
-from engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed, rank_store_path
-from engine.global_ce import batch_ce_scope
-from engine.head import DenseHead, Head, LazyHead, make_head_optimizer_meta
-from engine.metrics import MetricsLogger
-from engine.model import build_model
-from engine.objectives import build_objective
-from engine.schedule import warmup_cosine
-from storage.head import HeadMeta, MemoryHeadStore
+from diet_engine.engine import checkpoint as ckpt
+from diet_engine.engine.config import RunConfig
+from diet_engine.engine.data import build_train_loader, load_manifest, manifest_stats
+from diet_engine.engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed, rank_store_path
+from diet_engine.engine.global_ce import batch_ce_scope
+from diet_engine.engine.head import DenseHead, Head, LazyHead, make_head_optimizer_meta
+from diet_engine.engine.metrics import MetricsLogger
+from diet_engine.engine.model import build_model
+from diet_engine.engine.objectives import build_objective
+from diet_engine.engine.schedule import warmup_cosine
+from diet_engine.storage.head import HeadMeta, MemoryHeadStore
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,7 +121,7 @@ class Trainer:
         if cfg.head.store == "memory":
             store = MemoryHeadStore(meta, seed=cfg.head.seed)
         else:
-            from storage.head import open_or_create_store  # noqa: PLC0415
+            from diet_engine.storage.head import open_or_create_store  # noqa: PLC0415
 
             path = rank_store_path(cfg.head.store_path, self.run_dir, self.rank, self.world)  # distributed: one store per rank
             store = open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume,

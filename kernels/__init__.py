@@ -5,8 +5,8 @@ Each kernel has a plain PyTorch reference (the readable definition), a CPU imple
 This package does not import `engine` or `storage`.
 """
 
-from kernels.batch_ce import batch_cross_entropy, batch_cross_entropy_reference
-from kernels.lazy_optim import LazyAdamW, LazySGD
+from diet_engine.kernels.batch_ce import batch_cross_entropy, batch_cross_entropy_reference
+from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD
 
 __all__ = [
     "batch_cross_entropy",

@@ -74,6 +74,6 @@ def batch_cross_entropy(
         raise ValueError(f"DIET_BATCH_CE={mode!r}: expected one of {', '.join(_MODES)}")
     if mode == "reference" or (mode == "auto" and not z.is_cuda):
         return batch_cross_entropy_reference(z, rows, target, label_smoothing, scale)
-    from kernels._batch_ce_triton import batch_cross_entropy_fused  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import batch_cross_entropy_fused  # noqa: PLC0415
 
     return batch_cross_entropy_fused(z, rows, target, label_smoothing, scale)

@@ -11,21 +11,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import ConfigError
+from diet_engine.engine.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diet", description="DIET self-supervised learning at any data-set size.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from launch import eval as eval_cmd  # noqa: PLC0415
-    from launch import prepare, train  # noqa: PLC0415
+    from diet_engine.launch import eval as eval_cmd  # noqa: PLC0415
+    from diet_engine.launch import prepare, train  # noqa: PLC0415
 
     train.add_parser(sub)
     prepare.add_parser(sub)
     eval_cmd.add_parser(sub)
     for optional in ("head", "bench", "launcher"):
         try:
-            mod = __import__(f"launch.{optional}", fromlist=["add_parser"])
+            mod = __import__(f"diet_engine.launch.{optional}", fromlist=["add_parser"])
         except ImportError:
             continue
         mod.add_parser(sub)

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from engine.config import RunConfig
+from diet_engine.engine.config import RunConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from safetensors import safe_open  # noqa: PLC0415
 
-    from engine.checkpoint import load_backbone  # noqa: PLC0415
-    from engine.data import load_manifest  # noqa: PLC0415
-    from engine.evaluation.report import evaluate, format_table  # noqa: PLC0415
-    from engine.model import DietModel, build_backbone  # noqa: PLC0415
+    from diet_engine.engine.checkpoint import load_backbone  # noqa: PLC0415
+    from diet_engine.engine.data import load_manifest  # noqa: PLC0415
+    from diet_engine.engine.evaluation.report import evaluate, format_table  # noqa: PLC0415
+    from diet_engine.engine.model import DietModel, build_backbone  # noqa: PLC0415
 
     net = load_backbone(args.backbone)
     with safe_open(args.backbone, "pt") as f:

@@ -37,8 +37,8 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     """Export the head of `run_dir` at its latest checkpoint step into a new Zarr store `out`."""
     import zarr  # noqa: PLC0415
 
-    from engine.checkpoint import checkpoint_dir, latest_tag  # noqa: PLC0415
-    from engine.config import RunConfig  # noqa: PLC0415
+    from diet_engine.engine.checkpoint import checkpoint_dir, latest_tag  # noqa: PLC0415
+    from diet_engine.engine.config import RunConfig  # noqa: PLC0415
 
     run_dir, out = Path(run_dir), Path(out)
     cfg = RunConfig.load(run_dir / "config.json")
@@ -74,7 +74,7 @@ def _client_state(ckpt: Path) -> dict:
     files = sorted(ckpt.glob("*model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{ckpt} holds no DeepSpeed model states")
-    from engine.distributed import _deepspeed_checkpoint_globals  # noqa: PLC0415
+    from diet_engine.engine.distributed import _deepspeed_checkpoint_globals  # noqa: PLC0415
 
     with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
         state = torch.load(files[0], map_location="cpu", weights_only=True)  # never unpickles objects
@@ -82,8 +82,8 @@ def _client_state(ckpt: Path) -> dict:
 
 
 def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) -> list:
-    from engine.head import DenseHead, LazyHead  # noqa: PLC0415
-    from storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore  # noqa: PLC0415
+    from diet_engine.engine.head import DenseHead, LazyHead  # noqa: PLC0415
+    from diet_engine.storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore  # noqa: PLC0415
 
     head_state = client["head"]
     if cfg.head.store == "dense":
@@ -96,7 +96,7 @@ def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) 
         store = MemoryHeadStore(meta, seed=cfg.head.seed)
         store.load_state_dict(head_state["store"])
         return [LazyHead(store, lrs, cfg.optim, mode=cfg.head.optimizer_mode)]
-    from engine.distributed import rank_store_path  # noqa: PLC0415
+    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
 
     heads = []
     for r in range(world):

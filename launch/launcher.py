@@ -17,7 +17,7 @@ It builds and runs a DeepSpeed launcher command (or torchrun's, `--runner torchr
   (`node0 … node{N-1}`, K slots each) gives DeepSpeed the world layout; with `--no_ssh` no host
   name is ever contacted. See launch/slurm/ for a batch script.
 
-Every rank runs `python -m launch.launcher --rank-entry [--env K=V ...] COMMAND ...`, which sets its
+Every rank runs `python -m diet_engine.launch.launcher --rank-entry [--env K=V ...] COMMAND ...`, which sets its
 environment (e.g. DIET_DEEPSPEED_CONFIG, OMP_NUM_THREADS) before torch is imported and then runs
 `diet COMMAND ...`; variables thus reach every node whatever the launcher exports. Rank, world size
 and rendezvous come from the launcher's RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
@@ -185,7 +185,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 # ---------------------------------------------------------------------- commands
 def rank_command(r: argparse.Namespace) -> list[str]:
     """What every rank runs after the launcher's `python -u -m`: the rank entry of this module."""
-    out = ["launch.launcher", "--rank-entry"]
+    out = ["diet_engine.launch.launcher", "--rank-entry"]
     for k, v in sorted(r.env.items()):
         out += ["--env", f"{k}={v}"]
     return out + ["--", *r.command]
@@ -242,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- rank entry
 def rank_main(argv: list[str]) -> int:
-    """`python -m launch.launcher --rank-entry [--env K=V ...] -- COMMAND ...` on every rank."""
-    p = argparse.ArgumentParser(prog="python -m launch.launcher --rank-entry")
+    """`python -m diet_engine.launch.launcher --rank-entry [--env K=V ...] -- COMMAND ...` on every rank."""
+    p = argparse.ArgumentParser(prog="python -m diet_engine.launch.launcher --rank-entry")
     p.add_argument("--rank-entry", action="store_true", required=True)
     p.add_argument("--env", action="append", default=[])
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -252,7 +252,7 @@ def rank_main(argv: list[str]) -> int:
         k, v = item.split("=", 1)
         os.environ[k] = v  # before torch is imported
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
-    from launch.cli import main  # noqa: PLC0415
+    from diet_engine.launch.cli import main  # noqa: PLC0415
 
     return main(cmd)
 

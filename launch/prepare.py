@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from storage import shards  # noqa: PLC0415 (torch import only when the command runs)
+    from diet_engine.storage import shards  # noqa: PLC0415 (torch import only when the command runs)
 
     if args.source == "digits":
         ms = shards.prepare_digits(args.out, shard_size=args.shard_size, overwrite=args.overwrite,

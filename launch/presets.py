@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.config import RunConfig
+from diet_engine.engine.config import RunConfig
 
 
 def digits() -> RunConfig:

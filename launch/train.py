@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, RunConfig
-from launch.presets import PRESETS
+from diet_engine.engine.config import ConfigError, RunConfig
+from diet_engine.launch.presets import PRESETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,11 +60,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def train_and_evaluate(cfg: RunConfig, evaluate: bool = True) -> dict:
     """Train, export, and (rank 0, labelled splits configured) evaluate trained vs random init."""
-    from engine.data import load_manifest  # noqa: PLC0415
-    from engine.evaluation.report import evaluate as eval_backbone  # noqa: PLC0415
-    from engine.evaluation.report import format_table  # noqa: PLC0415
-    from engine.model import build_model  # noqa: PLC0415
-    from engine.trainer import Trainer  # noqa: PLC0415
+    from diet_engine.engine.data import load_manifest  # noqa: PLC0415
+    from diet_engine.engine.evaluation.report import evaluate as eval_backbone  # noqa: PLC0415
+    from diet_engine.engine.evaluation.report import format_table  # noqa: PLC0415
+    from diet_engine.engine.model import build_model  # noqa: PLC0415
+    from diet_engine.engine.trainer import Trainer  # noqa: PLC0415
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg)

@@ -66,7 +66,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def prepare_base(preset: MemoryPreset, work: Path):
     """One synthetic shard of R RGB images (written once per image size and R)."""
-    from storage.shards import Manifest, prepare_synthetic  # noqa: PLC0415
+    from diet_engine.storage.shards import Manifest, prepare_synthetic  # noqa: PLC0415
 
     out = work / f"base-{preset.base_image_px}px-r{preset.shard_size}"
     if (out / "manifest.json").exists():
@@ -77,7 +77,7 @@ def prepare_base(preset: MemoryPreset, work: Path):
 
 def virtual_manifest(base, n: int, out: Path) -> Path:
     """A manifest of N samples whose ceil(N/R) shards all read the base shard (positional indices)."""
-    from storage.shards import Manifest, ShardInfo  # noqa: PLC0415
+    from diet_engine.storage.shards import Manifest, ShardInfo  # noqa: PLC0415
 
     r = base.shard_size
     tar = str(base.shard_paths()[0])
@@ -94,7 +94,7 @@ def virtual_manifest(base, n: int, out: Path) -> Path:
 
 
 def head_dim(backbone: str) -> int:
-    from engine.model import build_backbone  # noqa: PLC0415
+    from diet_engine.engine.model import build_backbone  # noqa: PLC0415
 
     return build_backbone(backbone)[1]
 

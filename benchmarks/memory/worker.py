@@ -76,9 +76,9 @@ def _import_libraries() -> None:
     import torch  # noqa: F401, PLC0415
     import torchvision  # noqa: F401, PLC0415
 
-    import engine.trainer  # noqa: F401, PLC0415
-    import storage.head  # noqa: F401, PLC0415  (the disk store)
-    import storage.shards  # noqa: F401, PLC0415
+    import diet_engine.engine.trainer  # noqa: F401, PLC0415
+    import diet_engine.storage.head  # noqa: F401, PLC0415  (the disk store)
+    import diet_engine.storage.shards  # noqa: F401, PLC0415
     import zarr  # noqa: F401, PLC0415  (imported by the disk store when it creates a store)
 
 
@@ -86,7 +86,7 @@ def _touched_rows(cfg, steps: int) -> "object":
     """Rows the first `steps` batches (+ the head's lookahead) use: the chunks a partial store needs."""
     import numpy as np  # noqa: PLC0415
 
-    from engine.data import build_train_loader, load_manifest  # noqa: PLC0415
+    from diet_engine.engine.data import build_train_loader, load_manifest  # noqa: PLC0415
 
     loader = build_train_loader(cfg, load_manifest(cfg.data))
     plan = loader.plan(0)[: steps + cfg.head.lookahead + 2]
@@ -101,7 +101,7 @@ def _install_partial_store(rows) -> None:
     its few steps touch. The trainer imports `open_or_create_store` from `storage.head` when it
     builds the head, so replacing the attribute there is enough.
     """
-    import storage.head as sh  # noqa: PLC0415
+    import diet_engine.storage.head as sh  # noqa: PLC0415
 
     original = sh.open_or_create_store
 
@@ -116,7 +116,7 @@ def _disable_loader_cache() -> bool:
     """Bench-only: stream every N the same way. The shard loader decodes a data set of ≤ 50k samples
     into RAM once (`_CACHE_MAX_SAMPLES`; +112 MiB at N = 50k, 16 px): a per-data-set cost shared by
     every method, which would make N = 50k look bigger than N = 100k. Returns whether it applied."""
-    import storage.shards.loader as loader  # noqa: PLC0415
+    import diet_engine.storage.shards.loader as loader  # noqa: PLC0415
 
     if not hasattr(loader, "_CACHE_MAX_SAMPLES"):
         return False
@@ -134,7 +134,7 @@ def run(spec: dict) -> dict:
     if spec["mode"] == "idle-kernels":  # + the lazy optimizer's CPU runtime (numba, LLVM, cached code)
         import numpy as np  # noqa: PLC0415
 
-        from kernels import LazyAdamW  # noqa: PLC0415
+        from diet_engine.kernels import LazyAdamW  # noqa: PLC0415
 
         opt = LazyAdamW(np.full(16, 1e-3), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, mode="exact")
         w = torch.randn(8, 64)
@@ -146,8 +146,8 @@ def run(spec: dict) -> dict:
         result["peak_rss_total_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
 
-    from engine.config import RunConfig  # noqa: PLC0415
-    from engine.trainer import Trainer  # noqa: PLC0415
+    from diet_engine.engine.config import RunConfig  # noqa: PLC0415
+    from diet_engine.engine.trainer import Trainer  # noqa: PLC0415
 
     warmup, measure = int(spec["warmup"]), int(spec["measure"])
     cfg = RunConfig.from_dict(spec["config"])

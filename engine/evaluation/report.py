@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.data import build_eval_loader
-from engine.evaluation.knn import knn_accuracy
-from engine.evaluation.linear_probe import linear_probe_accuracy
-from engine.evaluation.rankme import rankme
+from diet_engine.engine.data import build_eval_loader
+from diet_engine.engine.evaluation.knn import knn_accuracy
+from diet_engine.engine.evaluation.linear_probe import linear_probe_accuracy
+from diet_engine.engine.evaluation.rankme import rankme
 
 
 @torch.no_grad()

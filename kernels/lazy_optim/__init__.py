@@ -8,6 +8,6 @@ Files: `api.py` (the classes, dispatch), `schedule_tables.py` (what depends only
 series), `_numba.py` (CPU), `_triton.py` (CUDA), `paper.py` (the s-DIET multistep update).
 """
 
-from kernels.lazy_optim.api import LazyAdamW, LazySGD
+from diet_engine.kernels.lazy_optim.api import LazyAdamW, LazySGD
 
 __all__ = ["LazyAdamW", "LazySGD"]

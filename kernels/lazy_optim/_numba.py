@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from kernels.lazy_optim import chebyshev
+from diet_engine.kernels.lazy_optim import chebyshev
 
 # ---------------------------------------------------------------------------------------- AdamW
 

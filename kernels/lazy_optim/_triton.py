@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lazy_optim import chebyshev
-from kernels.lazy_optim.schedule_tables import AdamWTables, SGDTables
+from diet_engine.kernels.lazy_optim import chebyshev
+from diet_engine.kernels.lazy_optim.schedule_tables import AdamWTables, SGDTables
 
 _BLOCK = 1024  # elements per block of a row sweep
 _BJ = 64  # window steps per tile when sampling f

@@ -30,8 +30,8 @@ import os
 import numpy as np
 import torch
 
-from kernels.lazy_optim import chebyshev, paper, reference
-from kernels.lazy_optim.schedule_tables import AdamWTables, LrTable, Schedule, SGDTables
+from diet_engine.kernels.lazy_optim import chebyshev, paper, reference
+from diet_engine.kernels.lazy_optim.schedule_tables import AdamWTables, LrTable, Schedule, SGDTables
 
 _MODES = ("exact", "paper")
 _BACKENDS = ("auto", "reference", "numba", "triton")
@@ -164,7 +164,7 @@ class LazyAdamW:
             if grad is not None:
                 reference.adamw_step_reference(weight, exp_avg, exp_avg_sq, grad, t, tab)
         elif backend == "numba":
-            from kernels.lazy_optim import _numba  # noqa: PLC0415
+            from diet_engine.kernels.lazy_optim import _numba  # noqa: PLC0415
 
             c = _Contiguous(weight, exp_avg, exp_avg_sq, grad)
             w, m, v, g = c.work
@@ -176,7 +176,7 @@ class LazyAdamW:
                               self._ckeys, self._cvals, self._cnterm)
             c.finish()
         else:
-            from kernels.lazy_optim import _triton  # noqa: PLC0415
+            from diet_engine.kernels.lazy_optim import _triton  # noqa: PLC0415
 
             c = _Contiguous(weight, exp_avg, exp_avg_sq, grad)
             _triton.adamw_lazy(*c.work, step, e, t, tab)
@@ -246,7 +246,7 @@ class LazySGD:
             if grad is not None:
                 reference.sgd_step_reference(weight, b, grad, t, tab)
         elif backend == "numba":
-            from kernels.lazy_optim import _numba  # noqa: PLC0415
+            from diet_engine.kernels.lazy_optim import _numba  # noqa: PLC0415
 
             c = _Contiguous(weight, b, grad)
             w, bb, g = c.work
@@ -256,7 +256,7 @@ class LazySGD:
                             self.momentum, self.dampening, self.weight_decay)
             c.finish()
         else:
-            from kernels.lazy_optim import _triton  # noqa: PLC0415
+            from diet_engine.kernels.lazy_optim import _triton  # noqa: PLC0415
 
             c = _Contiguous(weight, b, grad)
             _triton.sgd_lazy(*c.work, step, e, t, tab)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lazy_optim.schedule_tables import AdamWTables, SGDTables
+from diet_engine.kernels.lazy_optim.schedule_tables import AdamWTables, SGDTables
 
 _CHUNK_ELEMS = 1 << 22  # rows per chunk chosen so a chunk's (rows, d, W) sum stays ≈ 32 MB fp64
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import google_crc32c
 import numpy as np
 
-from storage.head.errors import HeadStoreCorruptionError
+from diet_engine.storage.head.errors import HeadStoreCorruptionError
 
 
 def row_crcs(arrays: Sequence[np.ndarray], pos: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.head.base import (
+from diet_engine.storage.head.base import (
     FORMAT_VERSION,
     HeadMeta,
     HeadStore,
@@ -24,7 +24,7 @@ from storage.head.base import (
     check_recover_target,
     head_init,
 )
-from storage.head.errors import HeadStoreReadOnlyError
+from diet_engine.storage.head.errors import HeadStoreReadOnlyError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

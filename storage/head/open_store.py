@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from storage.head.base import HeadMeta
-from storage.head.config import ZarrHeadStoreConfig
-from storage.head.file_io import FileIO
-from storage.head.zarr_store import ZarrHeadStore
+from diet_engine.storage.head.base import HeadMeta
+from diet_engine.storage.head.config import ZarrHeadStoreConfig
+from diet_engine.storage.head.file_io import FileIO
+from diet_engine.storage.head.zarr_store import ZarrHeadStore
 
 
 def open_or_create_store(

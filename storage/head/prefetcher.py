@@ -21,8 +21,8 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from storage.head.row_cache import RowCache
-from storage.head.row_io import RowIO
+from diet_engine.storage.head.row_cache import RowCache
+from diet_engine.storage.head.row_io import RowIO
 
 
 class Gatherer:

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from storage.head.checksums import row_crcs, verify_rows
-from storage.head.file_io import IOV_MAX, FdCache, FileIO
-from storage.faults import fault_point
-from storage.head.zarr_layout import CHECKSUM_ARRAY, DATA_ARRAYS, STEP_ARRAY, HeadLayout
+from diet_engine.storage.head.checksums import row_crcs, verify_rows
+from diet_engine.storage.head.file_io import IOV_MAX, FdCache, FileIO
+from diet_engine.storage.faults import fault_point
+from diet_engine.storage.head.zarr_layout import CHECKSUM_ARRAY, DATA_ARRAYS, STEP_ARRAY, HeadLayout
 
 
 def runs(rows: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:

@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 import google_crc32c
 import numpy as np
 
-from storage.head.errors import HeadStoreCorruptionError
-from storage.head.file_io import FileIO
-from storage.head.zarr_layout import HeadLayout
+from diet_engine.storage.head.errors import HeadStoreCorruptionError
+from diet_engine.storage.head.file_io import FileIO
+from diet_engine.storage.head.zarr_layout import HeadLayout
 
 _MAGIC = b"DIETUNDO"
 _VERSION = 1

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from storage.head.row_io import RowIO
-from storage.head.undo_log import UndoLog
+from diet_engine.storage.head.row_io import RowIO
+from diet_engine.storage.head.undo_log import UndoLog
 
 
 @dataclasses.dataclass

@@ -13,9 +13,9 @@ import errno
 import fcntl
 import os
 
-from storage.head.errors import HeadStoreError, HeadStoreReadOnlyError
-from storage.head.file_io import FileIO
-from storage.head.zarr_layout import DATA_ARRAYS, LOCK_FILE, HeadLayout
+from diet_engine.storage.head.errors import HeadStoreError, HeadStoreReadOnlyError
+from diet_engine.storage.head.file_io import FileIO
+from diet_engine.storage.head.zarr_layout import DATA_ARRAYS, LOCK_FILE, HeadLayout
 
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.head.base import _INIT_BLOCK, FORMAT_VERSION, HeadMeta, head_init
-from storage.head.checksums import block_crcs
-from storage.head.errors import HeadStoreCorruptionError, HeadStoreIOError
-from storage.head.file_io import FileIO
+from diet_engine.storage.head.base import _INIT_BLOCK, FORMAT_VERSION, HeadMeta, head_init
+from diet_engine.storage.head.checksums import block_crcs
+from diet_engine.storage.head.errors import HeadStoreCorruptionError, HeadStoreIOError
+from diet_engine.storage.head.file_io import FileIO
 
 DATA_ARRAYS = ("weight", "exp_avg", "exp_avg_sq")
 STEP_ARRAY = "step"

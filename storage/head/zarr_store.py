@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from storage.head.base import (
+from diet_engine.storage.head.base import (
     FORMAT_VERSION,
     HeadMeta,
     HeadStore,
@@ -45,16 +45,16 @@ from storage.head.base import (
     check_index,
     check_recover_target,
 )
-from storage.head.config import ZarrHeadStoreConfig
-from storage.head.errors import HeadStoreError, HeadStoreIOError, HeadStoreReadOnlyError
-from storage.head.file_io import FdCache, FileIO
-from storage.head.row_cache import TORCH_DTYPES, RowCache, SlotPool
-from storage.head.prefetcher import Gatherer
-from storage.head.row_io import RowIO
-from storage.head.undo_log import Bitset, UndoLog
-from storage.head.write_behind import WriteBehind, WriteJob
-from storage.head.writer_lock import acquire_writer_lock, check_writable, release_writer_lock
-from storage.head.zarr_layout import (
+from diet_engine.storage.head.config import ZarrHeadStoreConfig
+from diet_engine.storage.head.errors import HeadStoreError, HeadStoreIOError, HeadStoreReadOnlyError
+from diet_engine.storage.head.file_io import FdCache, FileIO
+from diet_engine.storage.head.row_cache import TORCH_DTYPES, RowCache, SlotPool
+from diet_engine.storage.head.prefetcher import Gatherer
+from diet_engine.storage.head.row_io import RowIO
+from diet_engine.storage.head.undo_log import Bitset, UndoLog
+from diet_engine.storage.head.write_behind import WriteBehind, WriteJob
+from diet_engine.storage.head.writer_lock import acquire_writer_lock, check_writable, release_writer_lock
+from diet_engine.storage.head.zarr_layout import (
     DATA_ARRAYS,
     HeadLayout,
     check_array_metadata,

@@ -5,12 +5,12 @@ n zero-padded to 9 digits and an `.index` member, so its global index (the DIET 
 explicit and stable. See manifest.py for the format and plan.py for the epoch order.
 """
 
-from storage.shards.index import index_shards
-from storage.shards.loader import ShardLoader
-from storage.shards.manifest import FORMAT_VERSION, ImageStats, Manifest, ShardInfo
-from storage.shards.plan import assign_shards
-from storage.shards.prepare import prepare_digits, prepare_folder, prepare_synthetic
-from storage.shards.records import ShardReadError
+from diet_engine.storage.shards.index import index_shards
+from diet_engine.storage.shards.loader import ShardLoader
+from diet_engine.storage.shards.manifest import FORMAT_VERSION, ImageStats, Manifest, ShardInfo
+from diet_engine.storage.shards.plan import assign_shards
+from diet_engine.storage.shards.prepare import prepare_digits, prepare_folder, prepare_synthetic
+from diet_engine.storage.shards.records import ShardReadError
 
 __all__ = [
     "FORMAT_VERSION",

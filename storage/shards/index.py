@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from storage.shards.manifest import MANIFEST_NAME, ImageStats, Manifest, ShardInfo
-from storage.shards.records import (
+from diet_engine.storage.shards.manifest import MANIFEST_NAME, ImageStats, Manifest, ShardInfo
+from diet_engine.storage.shards.records import (
     LABEL_FIELD,
     ShardReadError,
     decode,
@@ -27,7 +27,7 @@ from storage.shards.records import (
     parse_int,
     sample_index,
 )
-from storage.shards.stats import StatsAccumulator
+from diet_engine.storage.shards.stats import StatsAccumulator
 
 
 def _shard_list(inputs: str | os.PathLike | list) -> list[Path]:

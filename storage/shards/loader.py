@@ -34,9 +34,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
-from storage.shards.manifest import Manifest
-from storage.shards.plan import EpochPlan, WorkItem, assign_shards, make_epoch_plan, num_batches
-from storage.shards.records import ShardReadError, decode, image_bytes, iter_samples, parse_int, sample_index
+from diet_engine.storage.shards.manifest import Manifest
+from diet_engine.storage.shards.plan import EpochPlan, WorkItem, assign_shards, make_epoch_plan, num_batches
+from diet_engine.storage.shards.records import ShardReadError, decode, image_bytes, iter_samples, parse_int, sample_index
 
 _CACHE_MAX_SAMPLES = 50_000  # in-memory decoded cache: at most this many samples per rank
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from storage.shards.manifest import KEY_WIDTH, Manifest, ShardInfo, shard_name
-from storage.shards.sources import (
+from diet_engine.storage.shards.manifest import KEY_WIDTH, Manifest, ShardInfo, shard_name
+from diet_engine.storage.shards.sources import (
     DIGITS_DESCRIPTION,
     digits_splits,
     encode_file,
@@ -33,9 +33,9 @@ from storage.shards.sources import (
     list_folder,
     synthetic_images,
 )
-from storage.shards.staging import staged_output
-from storage.shards.stats import StatsAccumulator
-from storage.shards.writer import ShardSetWriter, write_shard
+from diet_engine.storage.shards.staging import staged_output
+from diet_engine.storage.shards.stats import StatsAccumulator
+from diet_engine.storage.shards.writer import ShardSetWriter, write_shard
 
 DIGITS_SHARD_SIZE = 256
 DEFAULT_SHARD_SIZE = 1000

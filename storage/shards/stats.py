@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from storage.shards.manifest import ImageStats
+from diet_engine.storage.shards.manifest import ImageStats
 
 
 class StatsAccumulator:

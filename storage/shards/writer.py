@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from storage.shards.manifest import KEY_WIDTH, ShardInfo, key_of, shard_name
+from diet_engine.storage.shards.manifest import KEY_WIDTH, ShardInfo, key_of, shard_name
 
 Sample = tuple[bytes, str, "int | None"]  # (encoded image, extension 'png'/'jpg', label or None)
 

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The embedded digits data, prepared once per test session (train/ and test/ shard sets)."""
-    from storage.shards import prepare_digits
+    from diet_engine.storage.shards import prepare_digits
 
     out = tmp_path_factory.mktemp("digits")
     prepare_digits(out / "digits", overwrite=True)
@@ -17,7 +17,7 @@ def digits_dir(tmp_path_factory):
 
 def tiny_config(digits_dir, run_dir, **overrides):
     """A seconds-long DIET config on the digits data."""
-    from engine.config import RunConfig
+    from diet_engine.engine.config import RunConfig
 
     cfg = RunConfig()
     cfg.data.manifest = str(digits_dir / "train")

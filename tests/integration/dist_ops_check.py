@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.distributed import HostSyncBatchNorm  # noqa: E402
-from engine.global_ce import global_batch_cross_entropy  # noqa: E402
-from kernels import batch_cross_entropy  # noqa: E402
+from diet_engine.engine.distributed import HostSyncBatchNorm  # noqa: E402
+from diet_engine.engine.global_ce import global_batch_cross_entropy  # noqa: E402
+from diet_engine.kernels import batch_cross_entropy  # noqa: E402
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:

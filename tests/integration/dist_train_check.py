@@ -31,9 +31,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import engine.trainer as trainer_module  # noqa: E402
-from engine.config import RunConfig  # noqa: E402
-from engine.model import DietModel  # noqa: E402
+import diet_engine.engine.trainer as trainer_module  # noqa: E402
+from diet_engine.engine.config import RunConfig  # noqa: E402
+from diet_engine.engine.model import DietModel  # noqa: E402
 
 NUM_SAMPLES = 128
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from storage.head import FileIO, HeadMeta, HeadStore, MemoryHeadStore, RowBlock, ZarrHeadStore  # noqa: E402
+from diet_engine.storage.head import FileIO, HeadMeta, HeadStore, MemoryHeadStore, RowBlock, ZarrHeadStore  # noqa: E402
 
 N, D, R, B = 2000, 32, 128, 96
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.05
@@ -52,7 +52,7 @@ class _Update:
     def __init__(self, kind: str, steps: int) -> None:
         self.lazy = None
         if kind == "lazy":
-            from kernels.lazy_optim import LazyAdamW
+            from diet_engine.kernels.lazy_optim import LazyAdamW
 
             self.lazy = LazyAdamW(np.full(steps + 1, LR), betas=BETAS, eps=EPS, weight_decay=WD)
 

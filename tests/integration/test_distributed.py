@@ -109,7 +109,7 @@ def test_two_ranks_global_batch_ce_equal_one_rank(tmp_path):
 
 # --------------------------------------------------------------------------- shards → ranks
 def _synthetic(tmp_path: Path, n: int = 300, shard_size: int = 64) -> Path:
-    from storage.shards import prepare_synthetic
+    from diet_engine.storage.shards import prepare_synthetic
 
     out = tmp_path / "syn"
     prepare_synthetic(out, n, shard_size, size=8, channels=1, workers=1)
@@ -120,7 +120,7 @@ def test_uneven_shards_balanced_plans(tmp_path):
     """Shards [64, 64, 64, 64, 44] over 2 and 3 ranks: disjoint whole shards balanced by samples,
     equal step counts, every owned sample read every epoch (exactly once on the longest rank),
     a new order each epoch; too few shards for ranks × workers is refused with a clear message."""
-    from storage.shards import Manifest, ShardLoader
+    from diet_engine.storage.shards import Manifest, ShardLoader
 
     m = Manifest.load(_synthetic(tmp_path))
     for world in (2, 3):
@@ -157,7 +157,7 @@ def _launch_two_nodes(tmp_path: Path, name: str, train_args: list[str]) -> None:
     procs = []
     for node in (1, 0):
         log = tmp_path / f"{name}-node{node}.log"
-        cmd = [sys.executable, "-m", "launch.cli", "launch", "--nnodes", "2", "--node_rank", str(node),
+        cmd = [sys.executable, "-m", "diet_engine.launch.cli", "launch", "--nnodes", "2", "--node_rank", str(node),
                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), *train_args]
         procs.append((_start(cmd, log), log))
     _wait(procs)
@@ -178,7 +178,7 @@ def test_two_node_launch_local_rows_crash_and_resume(tmp_path):
     checkpoint is simulated (`latest` back to step 6) and the resumed run ends bit-identical."""
     from safetensors.torch import load_file
 
-    from storage.shards import Manifest, assign_shards
+    from diet_engine.storage.shards import Manifest, assign_shards
 
     data = _synthetic(tmp_path)
     m = Manifest.load(data)

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from engine.distributed import deepspeed_config, load_extra_config
-from launch import launcher
-from launch.cli import build_parser
+from diet_engine.engine.distributed import deepspeed_config, load_extra_config
+from diet_engine.launch import launcher
+from diet_engine.launch.cli import build_parser
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_one_node_cpu(tmp_path):
     assert _opt(cmd, "--num_gpus") == "2" and "--no_ssh" not in cmd and "--hostfile" not in cmd
     assert _opt(cmd, "--master_addr") == "127.0.0.1"
     tail = cmd[cmd.index("--module") + 1:]
-    assert tail[:2] == ["launch.launcher", "--rank-entry"]
+    assert tail[:2] == ["diet_engine.launch.launcher", "--rank-entry"]
     assert tail[tail.index("--") + 1:] == ["train", "--train.batch_size=8"]
     assert "OMP_NUM_THREADS=" in " ".join(tail)  # CPU ranks split the cores
 
@@ -75,7 +75,7 @@ def test_hostfile_over_ssh_and_torchrun(tmp_path):
     cmd = _cmd(["--runner", "torchrun", "--nnodes", "2", "--node_rank", "0", "--master_addr", "h0",
                 "--nproc_per_node", "2", "train"], tmp_path)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and _opt(cmd, "--nnodes") == "2"
-    assert cmd[cmd.index("-m", 3) + 1] == "launch.launcher"
+    assert cmd[cmd.index("-m", 3) + 1] == "diet_engine.launch.launcher"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -104,7 +104,7 @@ def test_deepspeed_config_fragment(tmp_path, monkeypatch):
     """launch/deepspeed_configs/*.json merge over the engine's config; run-config keys are refused."""
     from types import SimpleNamespace
 
-    from launch.launcher import REPO_ROOT
+    from diet_engine.launch.launcher import REPO_ROOT
 
     train = SimpleNamespace(batch_size=32, zero_stage=2)
     optim = SimpleNamespace(grad_clip=1.0)

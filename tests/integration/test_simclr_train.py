@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_simclr_cli_end_to_end(digits_dir, tmp_path):
     run = tmp_path / "simclr"
-    cmd = [sys.executable, "-m", "launch.cli", "train", "--train.method=simclr", f"--data.manifest={digits_dir}/train",
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", "--train.method=simclr", f"--data.manifest={digits_dir}/train",
            "--data.image_size=8", "--train.batch_size=16", "--train.max_steps=3", "--train.log_every=1",
            "--train.simclr_projector_hidden=32", "--train.simclr_projector_out=16",
            f"--train.run_dir={run}", "--train.progress=false", "--no-eval"]
@@ -33,7 +33,7 @@ def test_simclr_cli_end_to_end(digits_dir, tmp_path):
 
 
 def test_simclr_projector_is_owned_and_stepped_by_deepspeed(digits_dir, tmp_path):
-    from engine.trainer import Trainer
+    from diet_engine.engine.trainer import Trainer
 
     cfg = tiny_config(digits_dir, tmp_path / "r", train__method="simclr", train__max_steps=2,
                       train__simclr_projector_hidden=32, train__simclr_projector_out=16)
@@ -53,7 +53,7 @@ def test_simclr_projector_is_owned_and_stepped_by_deepspeed(digits_dir, tmp_path
 
 
 def test_supervised_trains_a_linear_classifier_on_labels(digits_dir, tmp_path):
-    from launch.train import train_and_evaluate
+    from diet_engine.launch.train import train_and_evaluate
 
     cfg = tiny_config(digits_dir, tmp_path / "sup", train__method="supervised", train__max_steps=3,
                       train__log_every=1)

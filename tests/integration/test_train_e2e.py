@@ -22,7 +22,7 @@ def _params(trainer):
 def test_train_cli_end_to_end(digits_dir, tmp_path):
     """The real command line: trains, writes config/metrics/checkpoint/backbone, prints the table."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "train", f"--data.manifest={digits_dir}/train",
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", f"--data.manifest={digits_dir}/train",
            f"--data.eval_train_manifest={digits_dir}/train", f"--data.eval_test_manifest={digits_dir}/test",
            "--data.image_size=8", "--train.batch_size=64", "--train.epochs=1", "--train.max_steps=6",
            f"--train.run_dir={run}", "--train.progress=false", "--eval.probe_epochs=2"]
@@ -49,20 +49,20 @@ def test_train_cli_end_to_end(digits_dir, tmp_path):
 
 
 def test_cli_bad_input_errors(tmp_path):
-    run = [sys.executable, "-m", "launch.cli", "train", f"--data.manifest={tmp_path}/nope",
+    run = [sys.executable, "-m", "diet_engine.launch.cli", "train", f"--data.manifest={tmp_path}/nope",
            f"--train.run_dir={tmp_path}/r"]
     out = subprocess.run(run, capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "nope" in out.stderr and "diet prepare" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--optim.lr=-1"],
+    out = subprocess.run([sys.executable, "-m", "diet_engine.launch.cli", "train", "--optim.lr=-1"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "optim.lr" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "launch.cli", "train", "--optim.nosuch=1"],
+    out = subprocess.run([sys.executable, "-m", "diet_engine.launch.cli", "train", "--optim.nosuch=1"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "optim.nosuch" in out.stderr
 
 
 def test_resume_continues_identically(digits_dir, tmp_path):
-    from launch.train import train_and_evaluate
+    from diet_engine.launch.train import train_and_evaluate
 
     full = train_and_evaluate(tiny_config(digits_dir, tmp_path / "a", train__max_steps=12), evaluate=False)
     assert full["steps"] == 12
@@ -89,7 +89,7 @@ def test_lazy_head_training_equals_dense_head_training(digits_dir, tmp_path, pre
     fp64 runs stay within 7e-7 (head) and 2e-10 (backbone) for 200 steps: that run holds the 1e-5
     bar; fp32 is held to it over 10 steps.
     """
-    from engine.trainer import Trainer
+    from diet_engine.engine.trainer import Trainer
 
     results = {}
     for store in ("dense", "memory"):
@@ -112,8 +112,8 @@ def test_lazy_head_in_training_replays_exactly_as_dense_adamw(digits_dir, tmp_pa
     """The lazy head inside `Trainer.train` (real gradients, schedule, epoch boundary, export)
     equals torch.optim.AdamW stepping a dense (N, d) head on the same per-step row gradients, to
     fp64 rounding: this isolates the optimizer from the chaotic amplification of the test above."""
-    import engine.head as head_mod
-    from engine.trainer import Trainer
+    import diet_engine.engine.head as head_mod
+    from diet_engine.engine.trainer import Trainer
 
     cfg = tiny_config(digits_dir, tmp_path / "run", head__store="memory", train__max_steps=120,
                       train__epochs=10, train__batch_size=16, data__image_size=8,
@@ -152,8 +152,8 @@ def test_head_export_materialises_every_row(digits_dir, tmp_path, store):
     """`diet head export` writes the head at the last checkpoint with every row brought to T."""
     import zarr
 
-    from launch.head import export_head
-    from launch.train import train_and_evaluate
+    from diet_engine.launch.head import export_head
+    from diet_engine.launch.train import train_and_evaluate
 
     cfg = tiny_config(digits_dir, tmp_path / "run", head__store=store, train__max_steps=5, train__batch_size=64)
     train_and_evaluate(cfg, evaluate=False)

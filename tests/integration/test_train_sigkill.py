@@ -1,6 +1,6 @@
 """SIGKILL the real `diet train --head.store=disk`, resume until done, compare with an uninterrupted run.
 
-Each trial runs `python -m launch.cli train` (ResNet-18, 8 px digits, B = 32, 40 steps, a checkpoint
+Each trial runs `python -m diet_engine.launch.cli train` (ResNet-18, 8 px digits, B = 32, 40 steps, a checkpoint
 every 6) in a subprocess and kills it with SIGKILL, either at a random moment (a random number of
 logged steps, then a random fraction of a step) or inside a chosen window through the test-only
 hook of storage/faults.py (`DIET_FAULT_KILL`): mid-scatter of head rows (rows torn on disk), after
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cmd(digits_dir: Path, run: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", "train", "--no-eval", f"--data.manifest={digits_dir}/train",
+    return [sys.executable, "-m", "diet_engine.launch.cli", "train", "--no-eval", f"--data.manifest={digits_dir}/train",
             "--data.eval_train_manifest=", "--data.eval_test_manifest=", "--data.prepare_digits=false",
             "--data.image_size=8", "--data.crop_scale_min=0.5", "--model.backbone=resnet18",
             "--train.batch_size=32", "--train.epochs=2", f"--train.max_steps={STEPS}",
@@ -95,7 +95,7 @@ def _kill_after(proc: subprocess.Popen, run: Path, steps: int, delay: float) -> 
 def _read_store(path: Path, finished: bool = True) -> dict[str, np.ndarray]:
     """Every row of a store; reading verifies each row's checksum. A finished run's store must not
     hold rows written after its last commit (opening such a store warns: an error here)."""
-    from storage.head import ZarrHeadStore
+    from diet_engine.storage.head import ZarrHeadStore
 
     with warnings.catch_warnings():
         warnings.simplefilter("error" if finished else "ignore")
@@ -113,7 +113,7 @@ def _final_state(run: Path, out: Path) -> dict[str, dict]:
     import zarr
     from safetensors.torch import load_file
 
-    from launch.head import export_head
+    from diet_engine.launch.head import export_head
 
     exported = export_head(run, out)
     return {"backbone": load_file(str(run / "backbone.safetensors")),
@@ -153,7 +153,7 @@ def _finish(digits_dir: Path, run: Path, what: str) -> None:
 
 def test_kill_mid_scatter(digits_dir, tmp_path, reference):
     """Killed while a chunk's rows are half written (new weight, old moments and checksums)."""
-    from storage.head import HeadStoreCorruptionError
+    from diet_engine.storage.head import HeadStoreCorruptionError
 
     rng = random.Random(f"{SEED}-scatter")
     n = rng.randint(2 * EVERY, 3 * EVERY)  # ≥ 1 scatter per step: lands after the first checkpoints

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch import bench
-from launch.cli import build_parser
+from diet_engine.launch import bench
+from diet_engine.launch.cli import build_parser
 
 
 @pytest.mark.parametrize("argv,name", [
@@ -22,7 +22,7 @@ def test_bench_subcommands_parse(argv, name):
 
 
 def test_bench_toy_runs_through_the_cli(tmp_path, monkeypatch):
-    from launch.cli import main
+    from diet_engine.launch.cli import main
 
     assert main(["bench", "toy", "--steps", "20", "--seeds", "1", "--loss", "mse", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "paper_toy_model.md").read_text().startswith("# s-DIET toy model")

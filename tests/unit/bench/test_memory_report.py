@@ -85,7 +85,7 @@ def test_markdown_table_formats_missing_and_large_values():
 
 
 def test_every_method_config_validates_and_gpu_preset_is_the_papers():
-    from engine.config import RunConfig
+    from diet_engine.engine.config import RunConfig
 
     for method in M.OVERRIDES:
         cfg = RunConfig.from_dict(M.run_config(PRESETS["cpu-resnet18"], method, "/m", "/r"))
@@ -111,7 +111,7 @@ def test_virtual_manifest_gives_n_positional_samples(tmp_path):
     import numpy as np
 
     from benchmarks.memory.harness import prepare_base, virtual_manifest
-    from storage.shards import Manifest, ShardLoader
+    from diet_engine.storage.shards import Manifest, ShardLoader
 
     preset = SimpleNamespace(base_image_px=4, shard_size=10)
     base = prepare_base(preset, tmp_path)

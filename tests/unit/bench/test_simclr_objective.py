@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.objectives import DietObjective, SimclrObjective, SupervisedObjective, build_objective, num_classes_of
-from engine.simclr import TwoViews, nt_xent, nt_xent_reference, stack_views
+from diet_engine.engine.objectives import DietObjective, SimclrObjective, SupervisedObjective, build_objective, num_classes_of
+from diet_engine.engine.simclr import TwoViews, nt_xent, nt_xent_reference, stack_views
 
 
 @pytest.mark.parametrize("b,p,tau", [(1, 3, 0.5), (5, 7, 0.2), (13, 16, 0.07)])
@@ -91,7 +91,7 @@ def test_supervised_objective_is_cross_entropy_of_a_linear_classifier():
 
 
 def test_build_objective_per_method():
-    from engine.config import RunConfig
+    from diet_engine.engine.config import RunConfig
 
     class _Model:
         out_dim = 7

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import ConfigError, RunConfig
-from engine.model import build_backbone, build_model
-from engine.schedule import warmup_cosine
+from diet_engine.engine.config import ConfigError, RunConfig
+from diet_engine.engine.model import build_backbone, build_model
+from diet_engine.engine.schedule import warmup_cosine
 
 
 def test_config_set_coerces_and_names_bad_options():

@@ -2,9 +2,9 @@
 
 import torch
 
-from engine.evaluation.knn import knn_accuracy, knn_predict
-from engine.evaluation.linear_probe import linear_probe_accuracy
-from engine.evaluation.rankme import rankme
+from diet_engine.engine.evaluation.knn import knn_accuracy, knn_predict
+from diet_engine.engine.evaluation.linear_probe import linear_probe_accuracy
+from diet_engine.engine.evaluation.rankme import rankme
 
 
 def _blobs(n_per: int, centers: torch.Tensor, noise: float, seed: int):

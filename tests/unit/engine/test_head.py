@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import OptimConfig
-from engine.head import DenseHead, LazyHead, candidate_rows, make_head_optimizer_meta
-from engine.schedule import warmup_cosine
-from storage.head import HeadMeta, MemoryHeadStore, head_init
+from diet_engine.engine.config import OptimConfig
+from diet_engine.engine.head import DenseHead, LazyHead, candidate_rows, make_head_optimizer_meta
+from diet_engine.engine.schedule import warmup_cosine
+from diet_engine.storage.head import HeadMeta, MemoryHeadStore, head_init
 
 N, K = 97, 13
 
@@ -30,7 +30,7 @@ def test_batch_ce_equals_torch_ce_on_gathered_rows():
     z = torch.randn(8, K, generator=g, requires_grad=True)
     idx = np.array([4, 90, 4, 17, 60, 3, 17, 17])
     rows, target = candidate_rows(idx)
-    from kernels import batch_cross_entropy
+    from diet_engine.kernels import batch_cross_entropy
 
     ours = batch_cross_entropy(z, w[rows], torch.as_tensor(target), 0.8)
     ref = nn.CrossEntropyLoss(label_smoothing=0.8)(z @ w[torch.as_tensor(rows)].T, torch.as_tensor(target))

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import OptimConfig
-from engine.head import DenseHead, LazyHead, make_head_optimizer_meta
-from engine.schedule import warmup_cosine
-from storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore, ZarrHeadStoreConfig, head_init
+from diet_engine.engine.config import OptimConfig
+from diet_engine.engine.head import DenseHead, LazyHead, make_head_optimizer_meta
+from diet_engine.engine.schedule import warmup_cosine
+from diet_engine.storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore, ZarrHeadStoreConfig, head_init
 
 N, D, R, B = 2000, 16, 128, 64  # rows, dim, chunk rows (= shard size; 16 chunks, the last partial), batch
 STEPS, LOOKAHEAD, COMMIT_EVERY = 300, 3, 50

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.batch_ce import batch_cross_entropy, batch_cross_entropy_reference
+from diet_engine.kernels.batch_ce import batch_cross_entropy, batch_cross_entropy_reference
 
 
 def _inputs(B=9, M=13, d=10, seed=0):
@@ -77,7 +77,7 @@ def test_label_smoothing_out_of_range():
     elt=st.sampled_from([2, 4]),
 )
 def test_logits_chunk_is_bounded_by_the_inputs(B, M, d, elt):
-    from kernels._batch_ce_triton import _MIN_WORKSPACE_BYTES, _chunk_rows  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import _MIN_WORKSPACE_BYTES, _chunk_rows  # noqa: PLC0415
 
     rows = _chunk_rows(B, M, d, elt)
     assert 1 <= rows <= B

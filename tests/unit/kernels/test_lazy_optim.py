@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.lazy_optim import LazyAdamW, LazySGD
-from kernels.lazy_optim.paper import multistep_coefficients
+from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD
+from diet_engine.kernels.lazy_optim.paper import multistep_coefficients
 
 N, D, T, WARMUP = 500, 37, 3000, 300
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.lazy_optim import LazyAdamW, LazySGD
+from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.shards import prepare_digits, prepare_synthetic
+from diet_engine.storage.shards import prepare_digits, prepare_synthetic
 
 
 @pytest.fixture(scope="session")

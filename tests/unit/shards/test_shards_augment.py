@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from engine.augment import make_eval_transform, make_train_transform
+from diet_engine.engine.augment import make_eval_transform, make_train_transform
 
 
 def _kinds(t):

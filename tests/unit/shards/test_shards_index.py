@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from storage.shards import Manifest, ShardLoader, index_shards
-from storage.shards.sources import encode_png
+from diet_engine.storage.shards import Manifest, ShardLoader, index_shards
+from diet_engine.storage.shards.sources import encode_png
 
 
 class _Payload:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.augment import make_eval_transform, make_train_transform
-from storage.shards import Manifest, ShardLoader
-from storage.shards.records import iter_samples
+from diet_engine.engine.augment import make_eval_transform, make_train_transform
+from diet_engine.storage.shards import Manifest, ShardLoader
+from diet_engine.storage.shards.records import iter_samples
 
 
 def _run(loader, epoch, start_batch=0):
@@ -86,7 +86,7 @@ def test_resume_reproduces_augmentations(uneven):
 
 
 def test_start_batch_skips_shards_without_reading_them(uneven, monkeypatch):
-    from storage.shards import loader as loader_mod
+    from diet_engine.storage.shards import loader as loader_mod
 
     opened = []
     real = loader_mod.iter_samples
@@ -160,7 +160,7 @@ def test_too_few_shards_and_bad_arguments(digits, uneven):
 
 
 def test_unlabelled_data_yields_minus_one(tmp_path, write_image):
-    from storage.shards import prepare_folder
+    from diet_engine.storage.shards import prepare_folder
 
     for i in range(5):
         write_image(tmp_path / "flat" / f"{i}.png", size=(6, 6), seed=i)

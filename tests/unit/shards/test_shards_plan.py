@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.shards.plan import assign_shards, make_epoch_plan, num_batches
+from diet_engine.storage.shards.plan import assign_shards, make_epoch_plan, num_batches
 
 
 def _plans(counts, world, streams, batch, drop_last, shuffle, epoch=0, seed=0, start_batch=0):

@@ -12,10 +12,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from storage.shards import Manifest, prepare_digits, prepare_folder, prepare_synthetic
-from storage.shards import prepare as prepare_mod
-from storage.shards.records import iter_samples
-from storage.shards.sources import encode_png, synthetic_images
+from diet_engine.storage.shards import Manifest, prepare_digits, prepare_folder, prepare_synthetic
+from diet_engine.storage.shards import prepare as prepare_mod
+from diet_engine.storage.shards.records import iter_samples
+from diet_engine.storage.shards.sources import encode_png, synthetic_images
 
 
 def _members(path):

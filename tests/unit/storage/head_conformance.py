@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage.head import HeadMeta, HeadStore, HeadStoreReadOnlyError, RowBlock, head_init
+from diet_engine.storage.head import HeadMeta, HeadStore, HeadStoreReadOnlyError, RowBlock, head_init
 
 N, D, R = 300, 12, 64  # rows, dim, chunk rows (5 chunks, the last one partial)
 

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from storage.head import FileIO
+from diet_engine.storage.head import FileIO
 
 
 class FaultyIO(FileIO):

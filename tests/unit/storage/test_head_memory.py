@@ -9,7 +9,7 @@ import pytest
 import torch
 from head_conformance import HeadStoreConformance, Model, assert_rows, make_meta, update
 
-from storage.head import MemoryHeadStore
+from diet_engine.storage.head import MemoryHeadStore
 
 
 def _through_torch_save(state: dict) -> dict:

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.head import FileIO, check_index
-from storage.head.file_io import IOV_MAX, FdCache
-from storage.head.row_cache import RowCache, SlotPool
-from storage.head.row_io import runs
-from storage.head.undo_log import HEADER_BYTES, Bitset, UndoLog
-from storage.head.zarr_layout import HeadLayout
+from diet_engine.storage.head import FileIO, check_index
+from diet_engine.storage.head.file_io import IOV_MAX, FdCache
+from diet_engine.storage.head.row_cache import RowCache, SlotPool
+from diet_engine.storage.head.row_io import runs
+from diet_engine.storage.head.undo_log import HEADER_BYTES, Bitset, UndoLog
+from diet_engine.storage.head.zarr_layout import HeadLayout
 
 
 def test_check_index():

@@ -14,7 +14,7 @@ import zarr
 from head_conformance import HeadStoreConformance, Model, assert_rows, make_meta, update
 from head_faults import FaultyIO
 
-from storage.head import (
+from diet_engine.storage.head import (
     FORMAT_VERSION,
     FileIO,
     HeadStoreError,
@@ -233,7 +233,7 @@ def test_forked_child_does_not_hold_the_writer_lock(tmp_path):
     ZarrHeadStore.create(path, make_meta()).close()
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        from storage.head import ZarrHeadStore
+        from diet_engine.storage.head import ZarrHeadStore
         s = ZarrHeadStore.open({str(path)!r})
         pid = os.fork()
         if pid == 0:            # the 'worker': outlives its parent

@@ -15,14 +15,14 @@ import pytest
 from head_conformance import Model, assert_rows, make_meta, update
 from head_faults import FaultyIO
 
-from storage.head import (
+from diet_engine.storage.head import (
     HeadStoreCorruptionError,
     HeadStoreIOError,
     HeadStoreReadOnlyError,
     ZarrHeadStore,
     ZarrHeadStoreConfig,
 )
-from storage.head import zarr_layout
+from diet_engine.storage.head import zarr_layout
 
 
 def _committed_store(path, io=None):
