@@ -131,6 +131,10 @@ class TrainConfig:
     """number of most recent checkpoints kept."""
     resume: bool = False
     """continue from the newest checkpoint in run_dir."""
+    allow_changes: str = ""
+    """resume only: comma-separated options (or sections) that may differ from the saved run's
+    config, accepting a resume that no longer equals the uninterrupted run (e.g.
+    'data.num_workers'); by default any option that changes the trajectory must be unchanged."""
     precision: str = "fp32"
     """'fp32', 'bf16' (torch autocast for the backbone; the head stays fp32) or 'fp64' (everything
     in float64: reference runs and equivalence tests, where fp32 rounding would be amplified by
@@ -232,6 +236,7 @@ class RunConfig:
             (self.train.method in ("diet", "simclr", "supervised"), "train.method", "'diet', 'simclr' or 'supervised'"),
             (self.train.epochs >= 1, "train.epochs", ">= 1"),
             (self.train.batch_size >= 1, "train.batch_size", ">= 1"),
+            (bool(self.train.run_dir.strip()), "train.run_dir", "a folder (it is empty)"),
             (self.train.max_steps >= 0, "train.max_steps", ">= 0"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0"),
             (self.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),

@@ -28,6 +28,7 @@ from diet_engine.engine.head import DenseHead, Head, LazyHead, make_head_optimiz
 from diet_engine.engine.metrics import MetricsLogger
 from diet_engine.engine.model import build_model
 from diet_engine.engine.objectives import build_objective
+from diet_engine.engine.run_dir import check_resume, mark_run_dir
 from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.storage.head import HeadMeta, MemoryHeadStore
 
@@ -53,8 +54,10 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
+        if cfg.train.resume:
+            check_resume(self.run_dir, cfg)  # every rank, before anything is written
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_run_dir(self.run_dir, cfg)
             cfg.save(self.run_dir / "config.json")
         barrier()
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from diet_engine.engine.config import ConfigError, RunConfig
+from diet_engine.engine.run_dir import clear_run_dir
 from diet_engine.launch.presets import PRESETS
 
 
@@ -48,10 +49,13 @@ def build_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(args, overrides)
     run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.resume:
+    if run_dir.exists() and not cfg.train.resume and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not args.overwrite:
             raise ConfigError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
+        kept = clear_run_dir(run_dir)  # refuses unsafe folders; deletes only what the engine wrote
+        if kept:
+            print(f"diet train: --overwrite kept {len(kept)} entries the engine did not write in {run_dir}: "
+                  f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", file=sys.stderr)
     result = train_and_evaluate(cfg, evaluate=not args.no_eval)
     if result.get("table"):
         print(result["table"])

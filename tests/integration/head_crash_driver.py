@@ -8,7 +8,9 @@ store, `recover(S')`, optionally dumps the recovered state (`--dump-recovered`),
 
 `--slow scatter|commit|recover` slows the matching file calls (a FileIO hook) so that a kill lands
 inside that window; progress lines on stdout (`STEP t`, `COMMIT t`, `CKPT t`, `RECOVERED S`,
-`DONE`) let the test pick its moment. `run_reference()` runs the same sequence in memory.
+`DONE`) let the test pick its moment. `--hold-at T` makes one moment certain rather than likely:
+after step T's rows are handed to the OS (uncommitted, so the undo log holds their pre-images) the
+driver prints `HELD T` and waits to be killed. `run_reference()` runs the same sequence in memory.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class _Update:
 
 
 def train(store: HeadStore, start: int, steps: int, args, on_commit=None, say=lambda s: None) -> None:
-    """Steps start+1 .. steps; commit every args.commit_every steps (then on_commit(t))."""
+    """Steps start+1 .. steps; commit every args.commit_every steps (then on_commit(t)); block
+    after step `args.hold_at` once its writes have reached the OS (see --hold-at)."""
+    hold_at = getattr(args, "hold_at", None)
     update = _Update(args.optimizer, steps)
     for k in range(start + 1, min(start + 1 + args.lookahead, steps + 1)):
         store.prefetch(batch(args.order, k, args.seed))
@@ -80,6 +84,11 @@ def train(store: HeadStore, start: int, steps: int, args, on_commit=None, say=la
         update(b, t, args.seed)
         store.write_rows(b)
         say(f"STEP {t}")
+        if t == hold_at and t % args.commit_every:
+            store.drain()  # step t's writes (and their undo records) are in the files now
+            say(f"HELD {t}")
+            while True:
+                time.sleep(1)  # until SIGKILL
         if t % args.commit_every == 0 or t == steps:
             say(f"COMMIT {t}")
             store.commit(t)
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimizer", choices=("adamw", "lazy"), default="adamw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slow", choices=("none", "scatter", "commit", "recover"), default="none")
+    p.add_argument("--hold-at", type=int, help="after this (non-commit) step's writes, print HELD and wait for a kill")
     p.add_argument("--dump-recovered", help="write the state right after recovery to this .npz")
     p.add_argument("--dump-final", help="write the final state to this .npz")
     args = p.parse_args(argv)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -54,10 +53,9 @@ def test_digits_manifest_split_and_round_trip(digits):
         np.testing.assert_array_equal(pixels, np.round(d.images[src] * 255 / 16).astype(np.uint8))
 
 
-def test_digits_is_fast_and_reproducible(tmp_path, digits):
-    t0 = time.perf_counter()
+def test_digits_is_reproducible(tmp_path, digits):
+    # (how fast it is belongs to a benchmark, not to an assertion that a loaded machine can fail)
     prepare_digits(tmp_path / "d")
-    assert time.perf_counter() - t0 < 5.0
     for split in ("train", "test"):
         a = sorted(p.name for p in (digits / split).iterdir())
         assert a == sorted(p.name for p in (tmp_path / "d" / split).iterdir())
