@@ -20,6 +20,7 @@ from diet_engine.storage.shards.manifest import MANIFEST_NAME, ImageStats, Manif
 from diet_engine.storage.shards.records import (
     LABEL_FIELD,
     ShardReadError,
+    check_complete,
     decode,
     find_image_field,
     find_index_field,
@@ -96,6 +97,7 @@ def index_shards(inputs: str | os.PathLike | list, out: str | os.PathLike | None
                 found_labels = False
         if not idx:
             raise ShardReadError(f"shard {path} holds no samples")
+        check_complete(path)  # a tar cut at a member boundary reads as a shorter, valid one
         idx = np.asarray(idx, np.int64)
         lo, hi = int(idx.min()), int(idx.max())
         if hi - lo + 1 != len(idx) or len(np.unique(idx)) != len(idx):

@@ -162,8 +162,8 @@ class ShardLoader:
         for sid in self.shards:
             first, path = int(self._first[sid]), str(paths[sid])
             want = set(range(first, first + int(self._counts[sid])))
-            for n, (data, label) in _read_shard(path, first, m.index_field, m.image_field, m.label_field,
-                                                want).items():
+            for n, (data, label) in _read_shard(path, first, int(self._counts[sid]), m.index_field,
+                                                m.image_field, m.label_field, want).items():
                 memory[n] = (decode(data, m.image.channels, path, str(n)), label)
         return memory
 
@@ -190,21 +190,29 @@ def _assemble(items: Iterator, plan: EpochPlan, start_batch: int, with_labels: b
         raise RuntimeError(f"loader stopped at batch {k} of {len(plan.batches)} (a worker ended early)")
 
 
-def _read_shard(path: str, first: int, index_field: str | None, image_field: str | None,
-                label_field: str | None, want: set[int] | None = None) -> dict[int, tuple[bytes, int]]:
-    """{index: (encoded image, label or -1)} for `want` (None: all) from one tar; stops reading once
-    all are found. Cost: sequential read up to the last wanted sample, ~25 µs per tar member."""
+def _read_shard(path: str, first: int, count: int, index_field: str | None, image_field: str | None,
+                label_field: str | None, want: set[int]) -> dict[int, tuple[bytes, int]]:
+    """{index: (encoded image, label or -1)} for `want` from one tar holding the manifest's indices
+    first .. first+count-1. A subset stops reading once all are found; the whole shard is read to
+    its end, so a sample outside the manifest's range (the shard holds more than declared) is an
+    error, not a silent subset. Cost: sequential read up to the last wanted sample (the whole
+    shard: one more header), ~25 µs per tar member."""
     got: dict[int, tuple[bytes, int]] = {}
+    whole = len(want) == count
     for pos, sample in enumerate(iter_samples(path)):
         n = sample_index(sample, index_field, pos, first, path)
-        if want is None or n in want:
+        if not first <= n < first + count:
+            raise ShardReadError(f"shard {path} holds sample index {n} (key {sample['__key__']!r}) outside the "
+                                 f"range {first}..{first + count - 1} its manifest gives it: the manifest does not "
+                                 "match the shard (re-run `diet prepare index`?)")
+        if n in want:
             label = -1
             if label_field is not None and label_field in sample:
                 label = parse_int(sample[label_field], "label", path, sample["__key__"])
             got[n] = (image_bytes(sample, image_field, path), label)
-            if want is not None and len(got) == len(want):
+            if not whole and len(got) == len(want):
                 break
-    if want is not None and len(got) != len(want):
+    if len(got) != len(want):
         missing = sorted(want - set(got))[:5]
         raise ShardReadError(f"shard {path} lacks samples {missing} that the manifest places there "
                              "(re-run `diet prepare index`?)")
@@ -217,7 +225,8 @@ class _Streams(IterableDataset):
     def __init__(self, loader: ShardLoader, plan: EpochPlan, epoch: int):
         m = loader.manifest
         self.paths = [str(p) for p in m.shard_paths()]
-        self.first, self.index_field, self.image_field = loader._first, m.index_field, m.image_field
+        self.first, self.counts = loader._first, loader._counts
+        self.index_field, self.image_field = m.index_field, m.image_field
         self.label_field = m.label_field if loader.with_labels else None
         self.channels, self.transform = m.image.channels, loader.transform
         self.plan, self.seed_key = plan, (loader.seed, epoch, loader.rank)
@@ -250,8 +259,8 @@ class _Streams(IterableDataset):
                     j += 1
                 need = np.concatenate(need)
                 need = need[self._shard_of(need) == sid]
-                got = _read_shard(self.paths[sid], int(self.first[sid]), self.index_field, self.image_field,
-                                  self.label_field, set(need.tolist()))
+                got = _read_shard(self.paths[sid], int(self.first[sid]), int(self.counts[sid]), self.index_field,
+                                  self.image_field, self.label_field, set(need.tolist()))
                 encoded.update(got)
                 held[sid] = list(got)
             yield s, i, *self._build(item, fetch)

@@ -25,6 +25,8 @@ import dataclasses
 import json
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,51 @@ FORMAT = "diet-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KEY_WIDTH = 9  # __key__ = f"{index:09d}": no dots, sorts like the index, up to 10^9 samples
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    """JSON value against a field annotation: int (not bool), float (int too), bool, str, list[X],
+    dict, X | None, Any."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:  # (a list of dataclasses: each element is checked field by field later)
+        return isinstance(value, list) and (dataclasses.is_dataclass(args[0]) or all(_matches_type(v, args[0]) for v in value))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, dict) if dataclasses.is_dataclass(hint) else True
+
+
+def _typed_fields(cls, d: Any, where: Path, what: str) -> dict[str, Any]:
+    """The fields of dataclass `cls` found in mapping `d`, each checked against its annotation;
+    required fields must be present. Unknown keys are ignored (written by newer versions)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: {what} must be a JSON object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "root":
+            continue
+        if f.name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}: {what} lacks the required field {f.name!r}")
+            continue
+        if not _matches_type(d[f.name], hints[f.name]):
+            raise ValueError(f"{where}: {what}.{f.name} = {d[f.name]!r:.80} is not of type {hints[f.name]}")
+        out[f.name] = d[f.name]
+    return out
 
 
 def shard_name(i: int) -> str:
@@ -173,12 +220,19 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: Path | str = ".") -> Manifest:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"{Path(root) / MANIFEST_NAME}: not a {FORMAT} manifest (format={d.get('format')!r})")
-        names = {f.name for f in dataclasses.fields(cls)} - {"root"}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        kw["image"] = ImageStats(**d["image"])
+        """Build from parsed JSON; every field is type-checked (ValueError naming the field)."""
+        where = Path(root) / MANIFEST_NAME
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{where}: not a {FORMAT} manifest (format={got!r})")
+        kw = _typed_fields(cls, d, where, "manifest")
+        shards = kw["shards"]
+        kw["shards"] = [ShardInfo(**_typed_fields(ShardInfo, s, where, f"shards[{i}]")) for i, s in enumerate(shards)]
+        kw["image"] = ImageStats(**_typed_fields(ImageStats, kw["image"], where, "image"))
+        im = kw["image"]
+        if not all(np.isfinite(x) for x in im.mean + im.std) or min(im.std, default=1.0) <= 0:
+            raise ValueError(f"{where}: image mean {im.mean} / std {im.std} must be finite with std > 0 "
+                             "(re-run `diet prepare index` to measure them)")
         return cls(**kw, root=Path(root))
 
     @classmethod

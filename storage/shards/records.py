@@ -53,6 +53,28 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, bytes | str]]:
         raise ShardReadError(f"cannot read shard {path}: {e}") from e
 
 
+def check_complete(path: str | Path) -> None:
+    """Raise ShardReadError unless the tar ends with its end-of-archive block.
+
+    A tar cut at a member boundary (a copy that stopped, a full disk) reads as a shorter, valid
+    archive: Python's tarfile ends silently at the missing header. A complete archive has a zero
+    block where its members end. Cost: one 512-byte header read per member (data is seeked over).
+    """
+    try:
+        with tarfile.open(str(path), "r:") as t:
+            for _ in t:
+                pass
+            end = t.offset  # where the next header would start
+        with open(path, "rb") as f:
+            f.seek(end)
+            block = f.read(tarfile.BLOCKSIZE)
+    except (OSError, tarfile.TarError) as e:
+        raise ShardReadError(f"cannot read shard {path}: {e}") from e
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise ShardReadError(f"shard {path} is truncated: its members end at byte {end} without the tar "
+                             "end-of-archive block (an interrupted copy or write?); copy or write it again")
+
+
 def parse_int(data: bytes | str, what: str, path: str | Path, key: str) -> int:
     try:
         return int(data.decode("ascii") if isinstance(data, bytes) else data)
