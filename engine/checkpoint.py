@@ -161,11 +161,23 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported backbone at {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:  # safetensors parses a header and raw tensors only: nothing is unpickled
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # SafetensorError (not an OSError): a damaged or truncated file
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); export it again with `diet train`") from e
     if "backbone" not in meta:
         raise ValueError(f"{path} has no 'backbone' metadata; was it written by `diet train`?")
-    net, _ = build_backbone(meta["backbone"], small_stem=json.loads(meta.get("small_stem", "false")),
-                            in_channels=int(meta.get("in_channels", "3")))
-    net.load_state_dict(load_file(str(path)))
+    try:
+        small_stem, in_channels = json.loads(meta.get("small_stem", "false")), int(meta.get("in_channels", "3"))
+    except ValueError as e:
+        raise ValueError(f"{path}: malformed metadata small_stem/in_channels ({e})") from e
+    net, _ = build_backbone(meta["backbone"], small_stem=small_stem, in_channels=in_channels)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:  # missing/unexpected keys or shapes: another architecture than its metadata says
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{path}: its weights do not fit a {meta['backbone']} backbone "
+                         f"(small_stem={small_stem}, in_channels={in_channels}): {' '.join(first[:2])[:300]}") from e
     return net

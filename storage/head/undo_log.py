@@ -78,6 +78,7 @@ class UndoLog:
         self._fd: int | None = None
         self._end = 0
         self.bytes_appended = 0
+        self._scans: dict[int, tuple[int, int]] = {}  # step -> (valid records, record slots) of the last scan
 
     def path(self, step: int) -> str:
         return f"{self.dir}/{step}.log"
@@ -191,7 +192,9 @@ class UndoLog:
                 for j, rec in enumerate(buf):
                     ok = 0 <= rows[j] < self.layout.num_rows and _record_crc(rec) == int(rec[16:20].view("<u4")[0])
                     if not ok:
+                        self._scans[step] = (i0 + j, n_all)
                         return i0 + j
+            self._scans[step] = (n_all, n_all)
             return n_all
         finally:
             self.io.close(fd)
@@ -219,6 +222,11 @@ class UndoLog:
         finally:
             self.io.close(fd)
         return restored
+
+    def scan_note(self) -> str:
+        """What the last scans found, for error messages: valid records of each segment's slots."""
+        return "; ".join(f"{self.path(s)}: {v} valid records of {n}" for s, (v, n) in sorted(self._scans.items())) \
+            or "no segment scanned"
 
     def has_records(self, step: int) -> bool:
         """Cheap check (file size only) used when opening read-only."""

@@ -237,6 +237,44 @@ def check_chunk_files(layout: HeadLayout, chunks: Sequence[int]) -> list[str]:
     return missing
 
 
+def _chunk_of_path(layout: HeadLayout, path: str) -> tuple[str, int]:
+    """(array name, chunk id) of a chunk file path of this layout."""
+    name, rest = path[len(layout.root) + 1 :].split("/", 1)
+    return name, int(rest.split("/")[1])
+
+
+def check_missing_chunks(layout: HeadLayout, missing: Sequence[str]) -> None:
+    """Refuse missing chunk files whose rows are not all zero, by the rows' checksums.
+
+    Zarr reads a missing chunk as its fill value 0, and zarr-python drops a chunk it writes as all
+    zeros, so a missing file is legal only where zeros are the content: a data chunk whose rows'
+    checksums are those of a zero row, a step chunk whose rows have zero moments (never stepped).
+    Anything else is a deleted file that would silently come back as zeros. Cost: one read of the
+    checksum chunk (12 B/row) per missing file; nothing when no file is missing.
+    """
+    if not missing:
+        return
+    zero_crc = int(block_crcs(np.zeros((1, layout.dim), layout.dtype))[0])
+    for path in missing:
+        name, c = _chunk_of_path(layout, path)
+        if name == CHECKSUM_ARRAY:
+            raise HeadStoreCorruptionError(
+                f"head store {layout.root}: checksum chunk file {path} is missing: the store was damaged; "
+                "restore it from a backup or start the run again")
+    for path in missing:
+        name, c = _chunk_of_path(layout, path)
+        rows = min(layout.chunk_rows, layout.num_rows - c * layout.chunk_rows)
+        crcs = np.fromfile(layout.chunk_path(CHECKSUM_ARRAY, c), dtype="<u4", count=3 * rows).reshape(rows, 3)
+        cols = [DATA_ARRAYS.index(name)] if name in DATA_ARRAYS else [1, 2]  # step: moments must be zero
+        nonzero = np.flatnonzero((crcs[:, cols] != zero_crc).any(axis=1))
+        if nonzero.size:
+            lo = c * layout.chunk_rows
+            raise HeadStoreCorruptionError(
+                f"head store {layout.root}: chunk file {path} is missing, but {nonzero.size} of its {rows} rows "
+                f"(first: {(lo + nonzero[:3]).tolist()}) are not zero by their checksums: the file was deleted; "
+                "restore it from a backup or start the run again (it would have come back as zeros)")
+
+
 def materialize_missing(layout: HeadLayout, paths: Sequence[str], io: FileIO) -> None:
     """Recreate missing chunk files as preallocated zeros (their Zarr value), durable."""
     for path in paths:

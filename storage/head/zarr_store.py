@@ -46,7 +46,7 @@ from diet_engine.storage.head.base import (
     check_recover_target,
 )
 from diet_engine.storage.head.config import ZarrHeadStoreConfig
-from diet_engine.storage.head.errors import HeadStoreError, HeadStoreIOError, HeadStoreReadOnlyError
+from diet_engine.storage.head.errors import HeadStoreCorruptionError, HeadStoreError, HeadStoreIOError, HeadStoreReadOnlyError
 from diet_engine.storage.head.file_io import FdCache, FileIO
 from diet_engine.storage.head.row_cache import TORCH_DTYPES, RowCache, SlotPool
 from diet_engine.storage.head.prefetcher import Gatherer
@@ -59,6 +59,7 @@ from diet_engine.storage.head.zarr_layout import (
     HeadLayout,
     check_array_metadata,
     check_chunk_files,
+    check_missing_chunks,
     create_store,
     make_attrs,
     materialize_missing,
@@ -137,6 +138,7 @@ class ZarrHeadStore(HeadStore):
         self._owned[chunks] = True
         check_array_metadata(lay)
         missing = check_chunk_files(lay, chunks)  # all-zero chunks a Zarr writer dropped
+        check_missing_chunks(lay, missing)  # ... and not a deleted file of non-zero rows
 
         self._lock_fd: int | None = None
         self.uncommitted_records = 0  # undo records found at open: rows written after the last commit
@@ -162,6 +164,9 @@ class ZarrHeadStore(HeadStore):
                 self.undo.remove_except(self._commits)
                 self.uncommitted_records = self.undo.reopen(self._commits[-1])
             self._step = self.row_io.read_steps(chunks)  # (N,) int64: the one O(N) host array
+            # rows written after the last commit may be ahead of it until recover() rolls them back
+            ahead_ok = self.uncommitted_records > 0 or (self.read_only and self.undo.has_records(self._commits[-1]))
+            self._check_steps(self._commits[-1], "opening it", allow_ahead=ahead_ok)
             self.row_io.warm_checksums(chunks)  # 12 B/row, read by every gather: keep them cached
         except BaseException:
             self._release_files()
@@ -196,6 +201,22 @@ class ZarrHeadStore(HeadStore):
         self._t_open = time.perf_counter()
         self._closed = False
 
+    def _check_steps(self, step: int, doing: str, allow_ahead: bool = False) -> None:
+        """Every row's step stamp in [0, step] (rows ahead of it: only while undo records exist)."""
+        bad = np.flatnonzero(self._step < 0) if allow_ahead else np.flatnonzero((self._step < 0) | (self._step > step))
+        if not bad.size:
+            return
+        rows = bad[:5].tolist()
+        if not allow_ahead and (self._step[bad] > step).all() and doing.startswith("rolling"):
+            cause = (f"their pre-images are missing from the undo log {self.undo.dir} ({self.undo.scan_note()}): "
+                     "the log was damaged or truncated")
+        else:
+            cause = "the step stamps were damaged or the store was modified outside the engine"
+        raise HeadStoreCorruptionError(
+            f"head store {self.path}: {bad.size} rows have step stamps outside [0, {step}] after {doing} "
+            f"(rows {rows}, stamps {self._step[bad[:5]].tolist()}): {cause}; restore the store from a backup "
+            "or start the run again")
+
     def _release_files(self) -> None:
         self.fds.close_all()
         self.undo.close()
@@ -213,6 +234,12 @@ class ZarrHeadStore(HeadStore):
     @property
     def commits(self) -> list[int]:
         return list(self._commits)
+
+    def owned_rows(self) -> np.ndarray:
+        """(K,) int64 rows of the chunks this store holds files for (all rows for a one-rank store)."""
+        r, n = self.layout.chunk_rows, self.layout.num_rows
+        return np.concatenate([np.arange(c * r, min((c + 1) * r, n), dtype=np.int64)
+                               for c in np.flatnonzero(self._owned)] or [np.zeros(0, np.int64)])
 
     def _check_open(self) -> None:
         if self._closed:
@@ -481,6 +508,7 @@ class ZarrHeadStore(HeadStore):
                 self.fds.sync_dirty(self._pool)
                 # from disk, not patched: writes accepted after a failure never reached the log or disk
                 self._step[:] = self.row_io.read_steps(np.flatnonzero(self._owned).tolist())
+                self._check_steps(step, f"rolling back to step {step}")
                 if step != self._commits[-1]:
                     self.meta.global_step = step
                     write_attrs(self.path, make_attrs(self.meta, self.seed, [step], self._attr_chunks), self.io)
