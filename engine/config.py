@@ -282,10 +282,19 @@ class RunConfig:
                 import yaml  # noqa: PLC0415
             except ImportError as e:  # pragma: no cover
                 raise ConfigError(f"{path}: reading YAML needs PyYAML; use a .json config") from e
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         else:
-            data = json.loads(text)
-        return cls.from_dict(data, base)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
+        try:
+            return cls.from_dict(data, base)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from e
 
 
 _SECTIONS = {f.name for f in dataclasses.fields(RunConfig)}

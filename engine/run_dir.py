@@ -10,6 +10,9 @@ Design note
   be a run folder (empty, `/`, the home folder, the working directory or one of its parents) and
   a non-empty folder that is not a run folder; in a run folder it deletes the entries of
   `ENGINE_ENTRIES` and leaves everything else (a user's notes, a job script) where it was.
+* **One trainer per run folder.** `hold_run_lock` takes an exclusive flock on `.diet-run.lock`
+  (rank 0, for the whole run; released when the process ends, also by a crash); a second
+  `diet train` on the same folder, to resume or to overwrite it, is refused while the first runs.
 * **Resume checks before it writes.** `check_resume` compares the saved config (and the manifest
   fingerprint) with the new one *before* anything in the folder is touched; every option that can
   change the trajectory must be equal, unless the user lists it in `train.allow_changes`. Options
@@ -19,6 +22,7 @@ Design note
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -31,12 +35,13 @@ from diet_engine.engine.config import ConfigError, RunConfig
 
 MARKER = ".diet-run"
 MARKER_FORMAT = 1
+LOCK = ".diet-run.lock"
 
 # Every name the engine writes directly in a run folder (fnmatch patterns); temp names included.
 ENGINE_ENTRIES = (
     MARKER, f".{MARKER}.tmp", "config.json", "config.json.tmp", "lr_schedule.npy", ".lr_schedule.npy.tmp",
     "metrics.csv", "tensorboard", "checkpoints", "backbone.safetensors", ".backbone.safetensors.tmp",
-    "final_report.json", ".final_report.json.tmp", "final_report.md", "head.zarr", "head-rank*.zarr",
+    "final_report.json", ".final_report.json.tmp", "final_report.md", "head.zarr", "head-rank*.zarr", LOCK,
 )
 
 # Options a resume may change freely: none of them changes what the resumed run computes.
@@ -91,8 +96,11 @@ def clear_run_dir(path: str | Path) -> list[str]:
         shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise ConfigError(f"refusing to overwrite {path}: it is not a diet run folder (no {MARKER} or config.json; "
                           f"it holds {shown}); choose another --train.run_dir or empty it yourself")
+    hold_run_lock(path)  # nobody else trains here while it is cleared
     kept = []
     for name in entries:
+        if name == LOCK:
+            continue  # held by this process: deleting it would let a second trainer lock a new file
         if not any(fnmatch.fnmatchcase(name, pat) for pat in ENGINE_ENTRIES):
             kept.append(name)
             continue
@@ -183,3 +191,49 @@ def mark_run_dir(path: str | Path, cfg: RunConfig) -> None:
     tmp.write_text(json.dumps({"format": MARKER_FORMAT, "manifest": str(cfg.data.manifest),
                                "manifest_sha256": manifest_fingerprint(cfg.data.manifest)}, indent=2) + "\n")
     os.replace(tmp, path / MARKER)
+
+
+_LOCKS: dict[str, int] = {}  # resolved run folder -> lock fd held by this process
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a loader worker): drop the parent's lock fds; the parent keeps the lock."""
+    for fd in _LOCKS.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def hold_run_lock(path: str | os.PathLike) -> bool:
+    """Hold the run folder's exclusive lock (creating the folder); True if this call took it,
+    False if this process already held it. Raises ConfigError if another process holds it."""
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _LOCKS:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        raise ConfigError(f"run folder {path} is in use by another trainer ({holder or 'a running process'}); "
+                          "wait for it to finish or stop it first, or choose another --train.run_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    _LOCKS[key] = fd
+    return True
+
+
+def release_run_lock(path: str | os.PathLike) -> None:
+    fd = _LOCKS.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)

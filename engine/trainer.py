@@ -28,7 +28,7 @@ from diet_engine.engine.head import DenseHead, Head, LazyHead, make_head_optimiz
 from diet_engine.engine.metrics import MetricsLogger
 from diet_engine.engine.model import build_model
 from diet_engine.engine.objectives import build_objective
-from diet_engine.engine.run_dir import check_resume, mark_run_dir
+from diet_engine.engine.run_dir import check_resume, hold_run_lock, mark_run_dir, release_run_lock
 from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.storage.head import HeadMeta, MemoryHeadStore
 
@@ -47,6 +47,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.manifest = load_manifest(cfg.data)  # bad data paths fail here, before any process-group start-up
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -54,6 +55,15 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.train.run_dir)
+        self._took_run_lock = self.is_main and hold_run_lock(self.run_dir)  # one trainer per run folder
+        try:
+            self._build(cfg)
+        except BaseException:
+            self._release_run_lock()
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        """Everything from the config, in order: run folder, data, schedule, model + engine, head, position."""
         if cfg.train.resume:
             check_resume(self.run_dir, cfg)  # every rank, before anything is written
         if self.is_main:
@@ -62,7 +72,6 @@ class Trainer:
         barrier()
 
         # data
-        self.manifest = load_manifest(cfg.data)
         self.loader = build_train_loader(cfg, self.manifest, self.rank, self.world)
         self.steps_per_epoch = self.loader.steps_per_epoch()
         full = cfg.train.epochs * self.steps_per_epoch
@@ -218,6 +227,12 @@ class Trainer:
     def close(self) -> None:
         if self.head is not None:
             self.head.close()
+        self._release_run_lock()
+
+    def _release_run_lock(self) -> None:
+        if self._took_run_lock:
+            release_run_lock(self.run_dir)
+            self._took_run_lock = False
 
 
 class _Joint(torch.nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from diet_engine.engine.config import ConfigError, RunConfig
-from diet_engine.engine.run_dir import clear_run_dir
+from diet_engine.engine.run_dir import clear_run_dir, hold_run_lock
 from diet_engine.launch.presets import PRESETS
 
 
@@ -49,6 +49,8 @@ def build_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(args, overrides)
     run_dir = Path(cfg.train.run_dir)
+    if run_dir.is_dir():
+        hold_run_lock(run_dir)  # refuses a folder another trainer is using, before it is cleared or resumed
     if run_dir.exists() and not cfg.train.resume and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not args.overwrite:
             raise ConfigError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")

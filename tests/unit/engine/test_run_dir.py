@@ -67,14 +67,14 @@ def test_overwrite_deletes_only_what_the_engine_wrote(tmp_path):
         (run / f).write_text("x")
     kept = clear_run_dir(run)
     assert sorted(kept) == ["job.sbatch", "notes.txt"]
-    assert sorted(p.name for p in run.iterdir()) == ["job.sbatch", "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".diet-run.lock", "job.sbatch", "notes.txt"]  # (lock: held)
 
 
 def test_a_run_folder_of_an_earlier_version_is_recognised_by_its_config(tmp_path):
     _, run = _run(tmp_path)
     (run / MARKER).unlink()
     (run / "metrics.csv").write_text("step\n")
-    assert clear_run_dir(run) == [] and not any(run.iterdir())
+    assert clear_run_dir(run) == [] and [p.name for p in run.iterdir()] == [".diet-run.lock"]
 
 
 def test_resume_with_the_same_config_or_free_options_is_accepted(tmp_path):
@@ -126,3 +126,33 @@ def test_resume_accepts_the_same_manifest_moved(tmp_path):
     (tmp_path / "data").rename(moved)
     cfg.data.manifest = str(moved)
     check_resume(run, cfg)
+
+
+def test_a_second_trainer_on_a_run_folder_in_use_is_refused(tmp_path):
+    """`diet train --overwrite` (or --resume) on the folder of a running trainer once deleted or
+    wrote over its files; the run lock refuses it while the first holds the folder."""
+    import subprocess
+    import sys
+
+    from diet_engine.engine.run_dir import hold_run_lock, release_run_lock
+
+    _, run = _run(tmp_path)
+    (run / "metrics.csv").write_text("step\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from diet_engine.engine.run_dir import hold_run_lock; "
+         f"hold_run_lock({str(run)!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"in use by another trainer \\(pid {holder.pid}"):
+            hold_run_lock(run)
+        with pytest.raises(ConfigError, match="in use"):
+            clear_run_dir(run)
+        assert (run / "metrics.csv").exists() and (run / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert hold_run_lock(run)  # the holder died: the lock went with it
+    assert not hold_run_lock(run)  # held by this process already
+    assert clear_run_dir(run) == [] and [p.name for p in run.iterdir()] == [".diet-run.lock"]
+    release_run_lock(run)

@@ -1,4 +1,5 @@
-"""Shared shard sets for the shard tests (built once per session, a few hundred KB each)."""
+"""Shared shard sets for the shard tests (built once per session, a few hundred KB each); `digits`
+is in tests/unit/conftest.py."""
 
 from __future__ import annotations
 
@@ -8,15 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diet_engine.storage.shards import prepare_digits, prepare_synthetic
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    """scikit-learn digits as shards of 256: train 1437 (6 shards), test 360 (2 shards)."""
-    out = tmp_path_factory.mktemp("digits") / "digits"
-    prepare_digits(out)
-    return out
+from diet_engine.storage.shards import prepare_synthetic
 
 
 @pytest.fixture(scope="session")
