@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,46 @@ def test_unwritable_files_refused_for_training(tmp_path):
     os.chmod(f"{s.path}/weight/c/0/0", 0o444)
     with pytest.raises(HeadStoreReadOnlyError, match="not writable"):
         ZarrHeadStore.open(s.path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops root privileges (as another user, the test above covers it)")
+def test_read_only_store_for_an_unprivileged_user(tmp_path):
+    """A store the user may read but not write (root bypasses permissions, so a forked child drops
+    to `nobody`): training is refused with a message that says how to open it; reading works; the
+    store is untouched."""
+    import shutil
+    import tempfile
+
+    import diet_engine.storage.head.zarr_store  # noqa: F401 - imported before the fork: /root is closed to nobody
+
+    base = tempfile.mkdtemp(prefix="diet-ro-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        s, model = _committed_store(f"{base}/h.zarr")
+        s.close()
+        before = {p: os.path.getmtime(p) for p in map(str, Path(base).rglob("*"))}
+        want = model.snaps[3][0][:80].copy()
+        pid = os.fork()
+        if pid == 0:  # child: become nobody, try to train, then read
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    ZarrHeadStore.open(s.path, make_meta())
+                    code = 3  # opened for writing: wrong
+                except HeadStoreReadOnlyError as e:
+                    code = 4 if "mode='r'" not in str(e) else 0
+                if code == 0:
+                    ro = ZarrHeadStore.open(s.path, make_meta(), mode="r")
+                    ok = np.array_equal(ro.read_rows(np.arange(80)).weight.numpy(), want)
+                    ro.close()
+                    code = 0 if ok else 5
+            except BaseException:  # noqa: BLE001 - any failure is a non-zero exit of the child
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, f"child as nobody exited {os.waitstatus_to_exitcode(status)}"
+        assert {p: os.path.getmtime(p) for p in map(str, Path(base).rglob("*"))} == before
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
