@@ -31,7 +31,9 @@ def batch_cross_entropy_reference(
 ) -> torch.Tensor:
     """The definition: materialises the (B, M) logits. Mean loss over the batch (a 0-d tensor)."""
     logits = scale * (z @ rows.T)  # (B, M)
-    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # softmax of half/bf16 logits in fp32; fp64 reference runs stay fp64
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
 
 def _check_inputs(z: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, eps: float) -> None:
