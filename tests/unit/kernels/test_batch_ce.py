@@ -26,8 +26,11 @@ def test_reference_is_the_smoothed_loss_the_kernels_compute(eps):
     s = 2.0 * z @ rows.T
     lse = s.logsumexp(1)
     want = ((1 - eps) * (lse - s[torch.arange(len(t)), t]) + eps * (lse - s.mean(1))).mean()
-    got = batch_cross_entropy_reference(z, rows, t, eps, 2.0)  # fp32: the logits are cast
-    torch.testing.assert_close(got, want.float())
+    got = batch_cross_entropy_reference(z, rows, t, eps, 2.0)  # fp64 in, fp64 softmax (the truth of the kernel tests)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    half = batch_cross_entropy_reference(z.bfloat16(), rows.bfloat16(), t, eps, 2.0)  # bf16: softmax in fp32
+    assert half.dtype == torch.float32
 
 
 def test_dispatcher_uses_the_reference_on_cpu(monkeypatch):
