@@ -92,7 +92,11 @@ def index_shards(inputs: str | os.PathLike | list, out: str | os.PathLike | None
                 else:
                     reservoir[slot] = item
             if LABEL_FIELD in sample:
-                all_labels.append(parse_int(sample[LABEL_FIELD], "label", path, sample["__key__"]))
+                label = parse_int(sample[LABEL_FIELD], "label", path, sample["__key__"])
+                if label < 0:
+                    raise ShardReadError(f"{path}: sample {sample['__key__']!r} has a negative label {label}; "
+                                         "labels are class ids 0..K-1")
+                all_labels.append(label)
             else:
                 found_labels = False
         if not idx:

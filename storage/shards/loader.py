@@ -163,7 +163,7 @@ class ShardLoader:
             first, path = int(self._first[sid]), str(paths[sid])
             want = set(range(first, first + int(self._counts[sid])))
             for n, (data, label) in _read_shard(path, first, int(self._counts[sid]), m.index_field,
-                                                m.image_field, m.label_field, want).items():
+                                                m.image_field, m.label_field, want, m.num_classes).items():
                 memory[n] = (decode(data, m.image.channels, path, str(n)), label)
         return memory
 
@@ -191,7 +191,7 @@ def _assemble(items: Iterator, plan: EpochPlan, start_batch: int, with_labels: b
 
 
 def _read_shard(path: str, first: int, count: int, index_field: str | None, image_field: str | None,
-                label_field: str | None, want: set[int]) -> dict[int, tuple[bytes, int]]:
+                label_field: str | None, want: set[int], num_classes: int | None = None) -> dict[int, tuple[bytes, int]]:
     """{index: (encoded image, label or -1)} for `want` from one tar holding the manifest's indices
     first .. first+count-1. A subset stops reading once all are found; the whole shard is read to
     its end, so a sample outside the manifest's range (the shard holds more than declared) is an
@@ -209,6 +209,9 @@ def _read_shard(path: str, first: int, count: int, index_field: str | None, imag
             label = -1
             if label_field is not None and label_field in sample:
                 label = parse_int(sample[label_field], "label", path, sample["__key__"])
+                if num_classes is not None and not 0 <= label < num_classes:
+                    raise ShardReadError(f"{path}: sample {sample['__key__']!r} has label {label}, outside the "
+                                         f"manifest's {num_classes} classes 0..{num_classes - 1} (re-run `diet prepare index`?)")
             got[n] = (image_bytes(sample, image_field, path), label)
             if not whole and len(got) == len(want):
                 break
@@ -228,6 +231,7 @@ class _Streams(IterableDataset):
         self.first, self.counts = loader._first, loader._counts
         self.index_field, self.image_field = m.index_field, m.image_field
         self.label_field = m.label_field if loader.with_labels else None
+        self.num_classes = m.num_classes
         self.channels, self.transform = m.image.channels, loader.transform
         self.plan, self.seed_key = plan, (loader.seed, epoch, loader.rank)
         self.memory = loader._memory  # decoded images of small data sets (inherited by forked workers)
@@ -260,7 +264,7 @@ class _Streams(IterableDataset):
                 need = np.concatenate(need)
                 need = need[self._shard_of(need) == sid]
                 got = _read_shard(self.paths[sid], int(self.first[sid]), int(self.counts[sid]), self.index_field,
-                                  self.image_field, self.label_field, set(need.tolist()))
+                                  self.image_field, self.label_field, set(need.tolist()), self.num_classes)
                 encoded.update(got)
                 held[sid] = list(got)
             yield s, i, *self._build(item, fetch)

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from webdataset import tariterators
 
+from diet_engine.storage.shards.image_modes import to_8bit
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 INDEX_FIELDS = ("index", "idx", "idx.txt", "index.txt")  # decimal text; first match wins
 LABEL_FIELD = "cls"
@@ -121,7 +123,7 @@ def decode(data: bytes, channels: int, path: str | Path = "", key: str = "") -> 
     ImageNet JPEG."""
     try:
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
-            x = np.array(im.convert("L" if channels == 1 else "RGB"))  # (H, W) or (H, W, 3), writable copy
+            x = np.array(to_8bit(im, "L" if channels == 1 else "RGB"))  # (H, W) or (H, W, 3), writable copy
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ShardReadError(f"{path}: cannot decode the image of sample {key!r}: {e}") from e
     t = torch.from_numpy(x)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diet_engine.storage.shards.image_modes import to_8bit
+
 # ---------------------------------------------------------------------------------------- encoding
 
 
@@ -132,7 +134,7 @@ def encode_file(path: Path, channels: int, resize: int | None, image_format: str
         src_format = (im.format or "").upper()
         mode = "L" if channels == 1 else "RGB"
         needs_convert = im.mode != mode and not (image_format == "keep" and im.mode in ("L", "RGB"))
-        out = im.convert(mode) if im.mode != mode else im
+        out = to_8bit(im, mode)  # 16-bit images scaled, not clipped at 255
         if resize:
             w, h = out.size
             s = resize / min(w, h)

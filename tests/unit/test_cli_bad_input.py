@@ -92,6 +92,9 @@ CASES = {
         (["head", "verify", "--run", "{tmp}/nope"], "nope"),
         (["head", "verify", "--run", "{tmp}/run_nockpt"], "head.zarr"),
     ],
+    "bench": [
+        (["bench", "nosuch"], "nosuch"),
+    ],
     "launch": [
         (["launch", "--nproc_per_node", "0", "--dry-run", "train"], "nproc_per_node"),
         (["launch", "--nnodes", "2", "--node_rank", "5", "--dry-run", "train"], "node_rank"),

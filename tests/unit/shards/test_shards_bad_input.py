@@ -126,3 +126,113 @@ def test_unknown_manifest_keys_are_ignored(digits, tmp_path):
     root = _with_manifest(digits, tmp_path, _set(["written_by"], {"tool": "future"}))
     m = Manifest.load(root)
     assert m.num_samples == 360 and copy.deepcopy(m.to_dict())["num_samples"] == 360
+
+
+# ---- odd image modes and bit depths, labels out of range ------------------------------------------
+
+
+def _pixels_of(manifest_root):
+    """Decoded (C, H, W) uint8 pixels of every sample, by index."""
+    from diet_engine.storage.shards.records import decode, iter_samples
+
+    m = Manifest.load(manifest_root)
+    return {int(s["index"]): decode(s[m.image_field or "png"], m.image.channels) for p in m.shard_paths()
+            for s in iter_samples(p)}
+
+
+def _mode_image(mode):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.arange(48, dtype=np.uint32).reshape(6, 8)
+    if mode == "I;16":  # a 16-bit ramp up to 65535: Pillow's convert('L') clipped all of it above 255 to 255
+        im = Image.fromarray((ramp * 65535 // 47).astype(np.uint16))
+        assert im.mode == "I;16"
+        return im, (ramp * 255 + 23) // 47
+    if mode == "I":  # 32-bit integers holding 16-bit values (TIFF; older Pillows decode 16-bit PNGs so)
+        im = Image.fromarray((ramp * 65535 // 47).astype(np.int32))
+        assert im.mode == "I"
+        return im, (ramp * 255 + 23) // 47
+    gray = (ramp * 5).astype(np.uint8)
+    if mode == "P":
+        return Image.fromarray(gray, "L").convert("P"), gray
+    if mode == "LA":
+        return Image.merge("LA", [Image.fromarray(gray), Image.fromarray(np.full_like(gray, 128))]), gray
+    if mode == "RGBA":
+        rgb = Image.fromarray(np.stack([gray] * 3, -1), "RGB")
+        return Image.merge("RGBA", [*rgb.split(), Image.fromarray(np.full_like(gray, 200))]), gray
+    if mode == "1":
+        bits = (ramp % 2).astype(bool)
+        return Image.fromarray(bits), np.where(bits, 255, 0)
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "P", "LA", "RGBA", "1"])
+def test_odd_image_modes_become_the_right_8bit_gray(tmp_path, mode):
+    import numpy as np
+
+    from diet_engine.storage.shards import prepare_folder
+
+    im, want = _mode_image(mode)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    im.save(tmp_path / "src" / "a" / ("x.tif" if mode == "I" else "x.png"))
+    prepare_folder(tmp_path / "src", tmp_path / "out", channels=1, workers=1, progress=False)
+    got = _pixels_of(tmp_path / "out")[0][0].numpy().astype(int)
+    assert np.abs(got - want).max() <= 1, f"{mode}: {got[-1]} vs {want[-1]}"
+
+
+def test_16bit_png_inside_foreign_shards_is_scaled_not_clipped(tmp_path):
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    im, want = _mode_image("I;16")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "a.tar"), encoder=False) as tw:
+        tw.write({"__key__": "000000", "png": buf.getvalue(), "cls": b"0"})
+    index_shards(tmp_path / "s", progress=False, channels=1)
+    x = next(iter(ShardLoader(Manifest.load(tmp_path / "s"), 1, seed=0, cache_mb=0).epoch(0)))[0]
+    assert np.abs(np.round(x[0, 0].numpy() * 255).astype(int) - want).max() <= 1
+
+
+def test_float_images_are_refused_with_the_file_named(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diet_engine.storage.shards import prepare_folder
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 1, 48, dtype=np.float32).reshape(6, 8), "F").save(tmp_path / "src" / "a" / "f.tif")
+    with pytest.raises(ValueError, match="f.tif"):
+        prepare_folder(tmp_path / "src", tmp_path / "out", channels=1, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("label", [b"-1", b"7"])
+def test_labels_out_of_range_are_refused(digits, tmp_path, label):
+    """A negative label at indexing; a label ≥ the manifest's classes when read."""
+    import webdataset as wds
+
+    import numpy as np
+
+    from diet_engine.storage.shards.sources import encode_png
+
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "a.tar"), encoder=False) as tw:
+        for n in range(6):
+            tw.write({"__key__": f"{n:06d}", "png": encode_png(np.full((4, 4), n, np.uint8)),
+                      "cls": label if n == 5 else str(n % 3).encode()})
+    if label == b"-1":
+        with pytest.raises(ShardReadError, match="negative label"):
+            index_shards(tmp_path / "s", progress=False)
+        return
+    index_shards(tmp_path / "s", progress=False)  # num_classes = 8 from the largest label
+    f = tmp_path / "s" / "manifest.json"
+    d = json.loads(f.read_text())
+    d["num_classes"] = 3  # what the data set says it has
+    f.write_text(json.dumps(d))
+    with pytest.raises(ShardReadError, match="label 7, outside"):
+        list(ShardLoader(Manifest.load(tmp_path / "s"), 2, seed=0, with_labels=True, cache_mb=0).epoch(0))
