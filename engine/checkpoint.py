@@ -28,6 +28,10 @@ from diet_engine.storage.faults import fault_point
 FORMAT_VERSION = 1
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous one is intact."""
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -79,7 +83,16 @@ def save(trainer) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
-    trainer.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    try:
+        trainer.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if trainer.is_main:
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)  # nothing half-written stays (and the space is freed)
+        prev = latest_tag(trainer.run_dir)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {tag} in {root} ({e}); the last complete checkpoint is "
+            f"{prev or 'none (the run restarts from the beginning)'}: free space (or fix the folder) and continue "
+            "with --resume") from e
     fault_point("checkpoint")  # tests only (storage/faults.py): head committed at S, step_S not renamed
     barrier()
     if trainer.is_main:
