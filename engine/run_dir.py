@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from diet_engine.engine.config import ConfigError, RunConfig
+from diet_engine.storage.head.writer_lock import close_in_forked_children, release_writer_lock
 
 MARKER = ".diet-run"
 MARKER_FORMAT = 1
@@ -193,20 +194,8 @@ def mark_run_dir(path: str | Path, cfg: RunConfig) -> None:
     os.replace(tmp, path / MARKER)
 
 
-_LOCKS: dict[str, int] = {}  # resolved run folder -> lock fd held by this process
-
-
-def _close_inherited_locks() -> None:
-    """In a forked child (a loader worker): drop the parent's lock fds; the parent keeps the lock."""
-    for fd in _LOCKS.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_close_inherited_locks)
+_LOCKS: dict[str, int] = {}  # resolved run folder -> lock fd held by this process (forked workers close theirs)
+os.register_at_fork(after_in_child=_LOCKS.clear)  # (the fds themselves: writer_lock's fork hook)
 
 
 def hold_run_lock(path: str | os.PathLike) -> bool:
@@ -229,6 +218,7 @@ def hold_run_lock(path: str | os.PathLike) -> bool:
                           "wait for it to finish or stop it first, or choose another --train.run_dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    close_in_forked_children(fd)
     _LOCKS[key] = fd
     return True
 
@@ -236,4 +226,4 @@ def hold_run_lock(path: str | os.PathLike) -> bool:
 def release_run_lock(path: str | os.PathLike) -> None:
     fd = _LOCKS.pop(str(Path(path).resolve()), None)
     if fd is not None:
-        os.close(fd)
+        release_writer_lock(fd)  # (the store's lock helper: closes the fd, forgets it for forks)

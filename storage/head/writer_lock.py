@@ -45,6 +45,11 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def close_in_forked_children(fd: int) -> None:
+    """Register a lock fd of this process: forked children close their copy (the parent keeps the lock)."""
+    _HELD.add(fd)
+
+
 def release_writer_lock(fd: int) -> None:
     """Close the lock fd (releases the lock)."""
     _HELD.discard(fd)

@@ -156,3 +156,28 @@ def test_a_second_trainer_on_a_run_folder_in_use_is_refused(tmp_path):
     assert not hold_run_lock(run)  # held by this process already
     assert clear_run_dir(run) == [] and [p.name for p in run.iterdir()] == [".diet-run.lock"]
     release_run_lock(run)
+
+
+def test_a_forked_worker_does_not_keep_the_run_folder_locked(tmp_path):
+    """A loader worker forked by a trainer that is then killed must not block the resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diet_engine.engine.run_dir import hold_run_lock, release_run_lock
+
+    run = tmp_path / "run"
+    assert hold_run_lock(run)
+    pid = os.fork()
+    if pid == 0:  # the "worker": outlives its parent's lock
+        time.sleep(30)
+        os._exit(0)
+    try:
+        release_run_lock(run)  # the trainer is gone
+        probe = subprocess.run([sys.executable, "-c", "from diet_engine.engine.run_dir import hold_run_lock; "
+                                f"print(hold_run_lock({str(run)!r}))"], capture_output=True, text=True, timeout=120)
+        assert probe.returncode == 0 and probe.stdout.strip() == "True", probe.stderr[-1000:]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
