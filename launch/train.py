@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,11 +50,13 @@ def build_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = build_config(args, overrides)
     run_dir = Path(cfg.train.run_dir)
-    if run_dir.is_dir():
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # (set by the launchers; the process group starts later)
+    if main_rank and run_dir.is_dir():
         hold_run_lock(run_dir)  # refuses a folder another trainer is using, before it is cleared or resumed
     if run_dir.exists() and not cfg.train.resume and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not args.overwrite:
             raise ConfigError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
+    if main_rank and args.overwrite and not cfg.train.resume and run_dir.exists():
         kept = clear_run_dir(run_dir)  # refuses unsafe folders; deletes only what the engine wrote
         if kept:
             print(f"diet train: --overwrite kept {len(kept)} entries the engine did not write in {run_dir}: "
