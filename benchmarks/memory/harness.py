@@ -76,12 +76,27 @@ def prepare_base(preset: MemoryPreset, work: Path):
 
 
 def virtual_manifest(base, n: int, out: Path) -> Path:
-    """A manifest of N samples whose ceil(N/R) shards all read the base shard (positional indices)."""
+    """A manifest of N samples whose shards all read the base shard (positional indices); the last,
+    shorter one a copy of its first N mod R samples."""
     from diet_engine.storage.shards import Manifest, ShardInfo  # noqa: PLC0415
 
     r = base.shard_size
     tar = str(base.shard_paths()[0])
-    shards = [ShardInfo(tar, j * r, min(r, n - j * r)) for j in range(-(-n // r))]
+    shards = [ShardInfo(tar, j * r, r) for j in range(n // r)]
+    if n % r:  # the last shard holds exactly its n % r samples (a shard with more is refused when read)
+        tail = out / f"tail-{n % r}.tar"
+        if not tail.exists():
+            import webdataset as wds  # noqa: PLC0415
+
+            from diet_engine.storage.shards.records import iter_samples  # noqa: PLC0415
+
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".tail-{n % r}.tar.tmp"
+            with wds.TarWriter(str(tmp), encoder=False) as tw:
+                for _, sample in zip(range(n % r), iter_samples(tar)):
+                    tw.write(sample)
+            tmp.replace(tail)
+        shards.append(ShardInfo(str(tail), (n // r) * r, n % r))
     m = Manifest(num_samples=n, shard_size=r, shards=shards, image=base.image, label_names=base.label_names,
                  num_classes=base.num_classes, index_field=None, image_field=base.image_field,
                  label_field=base.label_field, key_width=base.key_width,
