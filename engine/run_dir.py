@@ -161,17 +161,16 @@ def check_resume(path: str | Path, cfg: RunConfig) -> None:
     marker = read_marker(path)
     now = manifest_fingerprint(cfg.data.manifest)
     same_data = bool(now) and marker.get("manifest_sha256") == now  # the same manifest, maybe moved
-    diffs = [d for d in config_differences(saved, cfg)
-             if not _matches(d[0], allowed) and not (same_data and d[0] == "data.manifest")]
-    lines = [f"  {k}: {old!r} (run) -> {new!r} (now)" for k, old, new in diffs]
-    if marker.get("manifest_sha256") and now and marker["manifest_sha256"] != now and not _matches("data.manifest", allowed):
-        lines.append(f"  data.manifest: the manifest at {cfg.data.manifest} changed since the run started "
-                     f"(sha256 {marker['manifest_sha256'][:12]}… -> {now[:12]}…)")
-    if lines:
+    problems = [(k, f"  {k}: {old!r} (run) -> {new!r} (now)") for k, old, new in config_differences(saved, cfg)
+                if not _matches(k, allowed) and not (same_data and k == "data.manifest")]
+    if marker.get("manifest_sha256") and now and not same_data and not _matches("data.manifest", allowed):
+        problems.append(("data.manifest", f"  data.manifest: the manifest at {cfg.data.manifest} changed since the run "
+                                          f"started (sha256 {marker['manifest_sha256'][:12]}… -> {now[:12]}…)"))
+    if problems:
         raise ConfigError(f"cannot resume {path}: the resumed run would not continue the saved one:\n"
-                          + "\n".join(lines)
+                          + "\n".join(line for _, line in problems)
                           + "\nrestore these options, or accept an inexact resume with "
-                          f"--train.allow_changes={','.join(sorted({x.strip().split(':')[0] for x in lines}))}")
+                          f"--train.allow_changes={','.join(sorted({k for k, _ in problems}))}")
 
 
 def read_marker(path: str | Path) -> dict:

@@ -201,13 +201,13 @@ class ZarrHeadStore(HeadStore):
         self._t_open = time.perf_counter()
         self._closed = False
 
-    def _check_steps(self, step: int, doing: str, allow_ahead: bool = False) -> None:
+    def _check_steps(self, step: int, doing: str, allow_ahead: bool = False, after_rollback: bool = False) -> None:
         """Every row's step stamp in [0, step] (rows ahead of it: only while undo records exist)."""
         bad = np.flatnonzero(self._step < 0) if allow_ahead else np.flatnonzero((self._step < 0) | (self._step > step))
         if not bad.size:
             return
         rows = bad[:5].tolist()
-        if not allow_ahead and (self._step[bad] > step).all() and doing.startswith("rolling"):
+        if after_rollback and (self._step[bad] > step).all():
             cause = (f"their pre-images are missing from the undo log {self.undo.dir} ({self.undo.scan_note()}): "
                      "the log was damaged or truncated")
         else:
@@ -508,7 +508,7 @@ class ZarrHeadStore(HeadStore):
                 self.fds.sync_dirty(self._pool)
                 # from disk, not patched: writes accepted after a failure never reached the log or disk
                 self._step[:] = self.row_io.read_steps(np.flatnonzero(self._owned).tolist())
-                self._check_steps(step, f"rolling back to step {step}")
+                self._check_steps(step, f"rolling back to step {step}", after_rollback=True)
                 if step != self._commits[-1]:
                     self.meta.global_step = step
                     write_attrs(self.path, make_attrs(self.meta, self.seed, [step], self._attr_chunks), self.io)
