@@ -139,7 +139,7 @@ def adamw_lazy(weight, exp_avg, exp_avg_sq, grad, step, e: int, t: int, tables: 
         weight, exp_avg, exp_avg_sq, grad if grad is not None else weight, step,
         tab["L"], tab["lr"], tab["a"], tab["c"], consts[0], consts[1], scratch, hp,
         d, e, t, tables.window,
-        DO_STEP=grad is not None, K=chebyshev.K, BJ=_BJ, BLOCK=min(_BLOCK, _pow2(d)),
+        DO_STEP=grad is not None, K=chebyshev.K, BJ=_BJ, BLOCK=sweep_block(d),
     )
 
 
@@ -215,7 +215,7 @@ def sgd_lazy(weight, buf, grad, step, e: int, t: int, tables: SGDTables):
         tab["lr"], tab["blocks"], tab["offsets"],
         _hparams(weight.device, tables.momentum, tables.dampening, tables.weight_decay),
         d, e, t, len(tables.offsets),
-        DO_STEP=grad is not None, HAS_BUF=buf is not None, BLOCK=min(_BLOCK, _pow2(d)),
+        DO_STEP=grad is not None, HAS_BUF=buf is not None, BLOCK=sweep_block(d),
     )
 
 
@@ -239,6 +239,11 @@ def _hparams(dev: torch.device, *values: float) -> torch.Tensor:
     if key not in _HPARAMS:
         _HPARAMS[key] = torch.tensor(values, dtype=torch.float64).to(dev)
     return _HPARAMS[key]
+
+
+def sweep_block(d: int) -> int:
+    """Elements per block of a row sweep for rows of length d (the launchers' and the compile test's)."""
+    return min(_BLOCK, _pow2(d))
 
 
 def _pow2(n: int) -> int:
