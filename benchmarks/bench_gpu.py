@@ -157,7 +157,7 @@ def stage_memory(a, budget: float) -> dict:
         argv += ["--preset", "gpu-resnet50", "--methods", "a,c,e", "--sizes", "50e3,1281167"]
     rc = int(harness.run(p.parse_args(argv)) or 0)
     res = json.loads((Path(a.out_dir) / "gpu_memory.json").read_text())
-    rows = [{k: v for k, v in r.items() if k in ("method", "N", "status") or "peak" in k}
+    rows = [{k: v for k, v in r.items() if k in ("method", "N", "status", "cuda_reserved_mib") or "peak" in k}
             for r in res.get("rows", [])]
     return {"ok": rc == 0 and bool(rows), "rc": rc, "rows": rows}
 
