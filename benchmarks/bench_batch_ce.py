@@ -203,8 +203,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="GPU: only B = 4096, M = 65,536")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up (GPU)")
@@ -212,6 +211,11 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (CPU)")
     p.add_argument("--workspace-mib", type=int, nargs="*", default=[256],
                    help="GPU: also time the fused path with these logits-chunk budgets (MiB)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
     args = p.parse_args(argv)
 
     gpu = _has_gpu()
