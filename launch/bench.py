@@ -5,6 +5,7 @@
     diet bench toy [...]               # s-DIET §4.2 / D.4 toy model (Fig. 4)
     diet bench label-smoothing [...]   # s-DIET Fig. 14: ε = 0.1 / 0.4 / 0.8 and convergence speed (digits)
     diet bench gpu [--dry-run] [--stages ...]  # one GPU: all checks in ~8 min → gpu_summary.{md,json}
+    diet bench train-method            # s-DIET vs supervised step time (CPU or GPU)
     diet bench paper-checks            # the three paper checks above, one after the other
 
 Each writes a Markdown table (+ CSV/JSON, + PNG where a plot helps) stamped with machine, versions
@@ -26,6 +27,7 @@ _BENCHES = {
     "toy": ("benchmarks.bench_paper_checks_toy", "s-DIET §4.2 toy model: normalisation learns both features"),
     "label-smoothing": ("benchmarks.bench_paper_checks_label_smoothing",
                         "s-DIET Fig. 14: label smoothing and convergence speed on digits"),
+    "train-method": ("benchmarks.bench_train_method", "s-DIET vs supervised step time, same backbone and loader"),
     "gpu": ("benchmarks.bench_gpu", "first minutes on a GPU: gpu tests, batch CE, lazy AdamW, memory, img/s"),
 }
 _PAPER_CHECKS = ("grad-cosine", "toy", "label-smoothing")
