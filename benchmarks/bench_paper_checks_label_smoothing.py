@@ -62,8 +62,8 @@ def train_with_knn(cfg, log=print) -> list[dict]:
     curve: list[dict] = []
 
     class EpochKnnTrainer(Trainer):
-        def train_step(self, batch, upcoming):
-            loss = super().train_step(batch, upcoming)
+        def train_step(self, batch):
+            loss = super().train_step(batch)
             if self.step % self.steps_per_epoch == 0:
                 acc, few = _knn(self, cfg, train_m, test_m)
                 curve.append({"epoch": self.step // self.steps_per_epoch, "knn": acc, "knn_few": few,

@@ -17,15 +17,17 @@ checkpoint at all it rolls the head back to its creation (`recover(0)`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from diet_engine.engine.distributed import barrier
 from diet_engine.storage.faults import fault_point
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head's state is its store's own (`{'store': ...}`)
 
 
 class CheckpointWriteError(OSError):
@@ -55,53 +57,92 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
-        import os  # noqa: PLC0415
-
         os.fsync(f.fileno())
     tmp.replace(path)
 
 
-def save(trainer) -> Path:
-    """Save the trainer's state at its current step (a no-op if that step is already saved)."""
-    root = checkpoint_dir(trainer.run_dir)
-    tag = tag_for(trainer.step)
-    final = root / tag
-    if final.is_dir():
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointManager:
+    """Checkpoints of a run's stateful components, written and read with the protocol above.
+
+    `engine`: the DeepSpeed engine (backbone, its optimizer, objective parameters), which writes the
+    checkpoint folder. `position`: where training stands (the trainer: step, epoch, batch in epoch,
+    world size), stored at the top of DeepSpeed's `client_state`. `head`: the DIET head (or None),
+    committed before the folder is written and recovered after it is read; its `state_dict` is
+    its own (rows for an in-memory store, metadata only for a store durable by itself).
+    """
+
+    def __init__(self, run_dir: str | Path, engine, *, position: Stateful, head=None, is_main: bool = True,
+                 keep: int = 2) -> None:
+        self.run_dir, self.root = Path(run_dir), checkpoint_dir(run_dir)
+        self.engine, self.position, self.head = engine, position, head
+        self.is_main, self.keep = is_main, keep
+
+    def save(self, step: int) -> Path:
+        """Checkpoint the components at `step` (a no-op if that step is already saved)."""
+        root = self.root
+        tag = tag_for(step)
+        final = root / tag
+        if final.is_dir():
+            return final
+        if self.head is not None:
+            self.head.commit(step)
+        client_state = {"format_version": FORMAT_VERSION, **self.position.state_dict(),
+                        "head": self.head.state_dict() if self.head is not None else None}
+        tmp_tag = f".tmp-{tag}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        barrier()
+        try:
+            self.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            if self.is_main:
+                shutil.rmtree(root / tmp_tag, ignore_errors=True)  # nothing half-written stays (and the space is freed)
+            prev = latest_tag(self.run_dir)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {tag} in {root} ({e}); the last complete checkpoint is "
+                f"{prev or 'none (the run restarts from the beginning)'}: free space (or fix the folder) and "
+                "continue with --resume") from e
+        fault_point("checkpoint")  # tests only (storage/faults.py): head committed at S, step_S not renamed
+        barrier()
+        if self.is_main:
+            (root / tmp_tag).rename(final)
+            fault_point("latest")  # tests only: step_S complete, `latest` still names the previous one
+            _atomic_write_text(root / "latest", tag + "\n")
+            _prune(root, self.keep)
+        barrier()
         return final
-    if trainer.head is not None:
-        trainer.head.commit(trainer.step)
-    client_state = {
-        "format_version": FORMAT_VERSION,
-        "step": trainer.step,
-        "epoch": trainer.epoch,
-        "batch_in_epoch": trainer.batch_in_epoch,
-        "world_size": trainer.world,
-        "head": trainer.head.state_dict() if trainer.head is not None else None,
-    }
-    tmp_tag = f".tmp-{tag}"
-    if trainer.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
-    barrier()
-    try:
-        trainer.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        if trainer.is_main:
-            shutil.rmtree(root / tmp_tag, ignore_errors=True)  # nothing half-written stays (and the space is freed)
-        prev = latest_tag(trainer.run_dir)
-        raise CheckpointWriteError(
-            f"could not write checkpoint {tag} in {root} ({e}); the last complete checkpoint is "
-            f"{prev or 'none (the run restarts from the beginning)'}: free space (or fix the folder) and continue "
-            "with --resume") from e
-    fault_point("checkpoint")  # tests only (storage/faults.py): head committed at S, step_S not renamed
-    barrier()
-    if trainer.is_main:
-        (root / tmp_tag).rename(final)
-        fault_point("latest")  # tests only: step_S complete, `latest` still names the previous one
-        _atomic_write_text(root / "latest", tag + "\n")
-        _prune(root, trainer.cfg.train.keep_checkpoints)
-    barrier()
-    return final
+
+    def load(self) -> int:
+        """Load the newest checkpoint into the components; the step it was taken at (0: none, fresh start)."""
+        tag = latest_tag(self.run_dir)
+        if self.is_main:
+            _discard_unfinished(self.root, tag)
+        barrier()
+        if tag is None:  # killed before its first checkpoint: start over, the head as created (step 0)
+            if self.head is not None:
+                self.head.recover(0)
+            return 0
+        path, client_state = self.engine.load_checkpoint(
+            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None or client_state is None:
+            raise RuntimeError(f"could not load checkpoint {tag} from {self.root}")
+        if client_state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {tag}: format version {client_state.get('format_version')} "
+                             f"!= {FORMAT_VERSION} supported by this build")
+        position = {k: v for k, v in client_state.items() if k not in ("format_version", "head")}
+        self.position.load_state_dict(position)
+        step = int(position["step"])
+        if self.head is not None:
+            self.head.load_state_dict(client_state["head"])  # in-memory heads: the rows are in the checkpoint
+            self.head.recover(step)  # disk heads: roll rows written after the checkpoint back
+        return step
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -118,35 +159,6 @@ def _discard_unfinished(root: Path, tag: str | None) -> None:
     for p in root.iterdir():
         if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("step_") and (tag is None or p.name > tag))):
             shutil.rmtree(p)
-
-
-def resume(trainer) -> None:
-    """Load the newest checkpoint of `trainer.run_dir` into the trainer (fresh start if none)."""
-    tag = latest_tag(trainer.run_dir)
-    if trainer.is_main:
-        _discard_unfinished(checkpoint_dir(trainer.run_dir), tag)
-    barrier()
-    if tag is None:  # killed before its first checkpoint: start over, the head as created (step 0)
-        if trainer.head is not None:
-            trainer.head.recover(0)
-        return
-    path, client_state = trainer.engine.load_checkpoint(
-        str(checkpoint_dir(trainer.run_dir)), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
-    if path is None or client_state is None:
-        raise RuntimeError(f"could not load checkpoint {tag} from {checkpoint_dir(trainer.run_dir)}")
-    if client_state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {tag}: format version {client_state.get('format_version')} "
-                         f"!= {FORMAT_VERSION} supported by this build")
-    if client_state["world_size"] != trainer.world:
-        raise ValueError(f"checkpoint {tag} was written by {client_state['world_size']} ranks; "
-                         f"resume with the same world size (got {trainer.world})")
-    trainer.step = int(client_state["step"])
-    trainer.epoch = int(client_state["epoch"])
-    trainer.batch_in_epoch = int(client_state["batch_in_epoch"])
-    if trainer.head is not None:
-        trainer.head.load_state_dict(client_state["head"])  # in-memory heads: the rows are in the checkpoint
-        trainer.head.recover(trainer.step)  # disk heads: roll rows written after the checkpoint back
 
 
 def export_backbone(model: torch.nn.Module, cfg, path: str | Path) -> Path:

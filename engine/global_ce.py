@@ -27,15 +27,13 @@ size the padded buffers), one all-gather of W·max(M_r)·d row values, and one r
 size for their gradients (reduce-scatter on NCCL; all-reduce on gloo, which has no reduce-scatter).
 At B=256, d=2048 fp32 that is 2 MB per rank each way. The fused batch-CE kernel is reused unchanged.
 
-Hook. The heads (`engine/head.py`) compute their loss through `batch_cross_entropy(z, rows, target,
-label_smoothing, scale)`; `batch_ce_scope` routes that one call through `GlobalBatchCE` for the
-duration of a step, and fails loudly if the head computed its loss without it (e.g. full CE).
+Wiring. A head calls the batch CE it was built with (`engine/head.py`, `build_head(..., ce=)`); the
+trainer passes a `GlobalBatchCE` bound to the data-parallel group when train.batch_ce=global and
+there is more than one rank, the local kernel otherwise. Global batch CE needs head.loss=batch
+(`build_head` refuses full CE with it).
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -108,46 +106,10 @@ def global_batch_cross_entropy(z: torch.Tensor, rows: torch.Tensor, target: torc
 
 
 class GlobalBatchCE:
-    """`batch_cross_entropy`'s signature, computed over the global batch of all ranks."""
+    """`batch_cross_entropy`'s signature, computed over the global batch of all ranks of `group`."""
 
     def __init__(self, group=None) -> None:
         self.group = group
-        self.calls = 0
 
     def __call__(self, z, rows, target, label_smoothing: float = 0.8, scale: float = 1.0) -> torch.Tensor:
-        self.calls += 1
         return global_batch_cross_entropy(z, rows, target, label_smoothing, scale, self.group)
-
-
-@contextlib.contextmanager
-def batch_ce_scope(head, mode: str, group=None) -> Iterator[None]:
-    """Inside the block, the head's batch CE is global across ranks when `mode == 'global'`.
-
-    A no-op for mode 'local', no head, or a world of one (the global batch is the local batch).
-    """
-    if mode == "local" or head is None or _world(group) == 1:
-        yield
-        return
-    if mode != "global":
-        raise ValueError(f"train.batch_ce={mode!r}: expected 'local' or 'global'")
-    fn = GlobalBatchCE(group)
-    if hasattr(head, "batch_ce"):  # a head that exposes its CE as an attribute
-        old, head.batch_ce = head.batch_ce, fn
-        try:
-            yield
-        finally:
-            head.batch_ce = old
-    else:  # the heads of engine/head.py call the module-level name
-        import diet_engine.engine.head as head_module  # noqa: PLC0415
-
-        old = head_module.batch_cross_entropy
-        head_module.batch_cross_entropy = fn
-        try:
-            yield
-        finally:
-            head_module.batch_cross_entropy = old
-    if fn.calls != 1:
-        raise RuntimeError(
-            f"train.batch_ce=global: the head computed {fn.calls} batch cross-entropies this step "
-            "(expected 1); global batch CE needs head.loss=batch"
-        )

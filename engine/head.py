@@ -1,6 +1,13 @@
 """The DIET head: N rows × d, one per training sample, and how a step uses and updates them.
 
-Two managers with one interface (`loss(z, index, t)` then, after backward, `step(t)`):
+A head is built once by `build_head(cfg, ...)` with everything it calls: its store, its optimizer
+and its batch cross-entropy (`ce`: the local fused kernel, or the global batch CE of
+`engine/global_ce.py` bound to a process group). The trainer then drives it per epoch and per step:
+
+    head.start_epoch(plan, start_batch)   # opens the prefetch window over the epoch's batches
+    loss = head.loss(z, index, t)         # window advances; rows gathered, caught up to t-1; batch CE
+    ... backward ...
+    head.step(t)                          # optimizer step t on the used rows; scatter back
 
 * `DenseHead`: the reference. An `nn.Parameter` (N, d) and a dense `torch.optim.AdamW`/`SGD`.
   Loss over all N rows (original DIET, the paper's Algorithm 1) or over the batch's rows (batch
@@ -15,15 +22,22 @@ Both produce the same head for the same seeds (tests/unit/engine/test_head_equiv
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diet_engine.kernels import LazyAdamW, LazySGD, batch_cross_entropy
-from diet_engine.storage.head import HeadMeta, HeadStore, MemoryHeadStore, RowBlock, head_init
+from diet_engine.engine.optim import build_lazy_optimizer, build_optimizer, head_optimizer_meta
+from diet_engine.kernels import batch_cross_entropy
+from diet_engine.storage.head import HeadMeta, HeadStore, Lookahead, MemoryHeadStore, RowBlock, head_init
+
+BatchCE = Callable[..., torch.Tensor]
+"""`batch_cross_entropy(z (B, d), rows (M, d), target (B,), label_smoothing, scale) -> mean loss`."""
+
+_EXPORT_BLOCK = 65536  # rows materialised at a time by `export`
 
 
 def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (), extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -41,30 +55,33 @@ def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (), extra
     return rows.astype(np.int64), target.astype(np.int64)
 
 
-def make_head_optimizer_meta(optim_cfg, mode: str = "exact") -> dict:
-    return {
-        "kind": optim_cfg.name, "betas": list(optim_cfg.betas), "eps": optim_cfg.eps,
-        "weight_decay": optim_cfg.weight_decay, "momentum": optim_cfg.momentum, "mode": mode,
-    }
-
-
 class Head(abc.ABC):
-    """Interface the trainer drives; one instance per rank."""
+    """Interface the trainer drives; one instance per rank. Owns the prefetch window of its epoch."""
 
     num_rows: int
     dim: int
+    lookahead: int = 0  # batches prefetched ahead (and the pool of extra negatives)
+    extra: int = 0  # extra negatives per step (batch CE)
+    _window: Lookahead | None = None
+
+    def start_epoch(self, plan: Sequence[np.ndarray], start_batch: int = 0) -> None:
+        """Open the prefetch window over an epoch's batches; the next `loss` is for `plan[start_batch]`."""
+        self._window = Lookahead(self.prefetch, plan, self.lookahead, start_batch)
+
+    def _upcoming(self) -> Sequence[np.ndarray]:
+        """Advance the window by the batch in use; the batches after it (extra negatives)."""
+        return self._window.advance() if self._window is not None else ()
+
+    def prefetch(self, index: np.ndarray) -> None:  # noqa: B027 - optional hint
+        """Hint: the rows of a batch coming soon (out-of-core stores start reading them)."""
 
     @abc.abstractmethod
-    def loss(self, z: torch.Tensor, index: np.ndarray, t: int,
-             upcoming: Sequence[np.ndarray] = ()) -> torch.Tensor:
+    def loss(self, z: torch.Tensor, index: np.ndarray, t: int) -> torch.Tensor:
         """Mean DIET loss of features z (B, d) against sample indices (B,) at optimizer step t."""
 
     @abc.abstractmethod
     def step(self, t: int) -> None:
         """Apply optimizer step t to the rows used by the last `loss` (after backward)."""
-
-    def prefetch(self, index: np.ndarray) -> None:
-        """Hint: the rows of a batch coming soon (out-of-core stores start reading them)."""
 
     @abc.abstractmethod
     def state_dict(self) -> dict: ...
@@ -72,20 +89,32 @@ class Head(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
-    def commit(self, step: int) -> None:
+    def commit(self, step: int) -> None:  # noqa: B027 - durable heads only
         """Checkpoint hook: make the head durable at `step` (disk stores)."""
 
-    def recover(self, step: int) -> None:
+    def recover(self, step: int) -> None:  # noqa: B027 - durable heads only
         """Resume hook: restore the head as of checkpoint `step` (disk stores)."""
 
     @abc.abstractmethod
+    def rows_at(self, index: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `index` (sorted, unique) brought to step T: (weight (M, d) on the host, the step
+        each row was last stepped at (M,) int64, before materialising)."""
+
     def export(self, T: int) -> torch.Tensor:
-        """The (N, d) weight brought to step T (every row materialised). For small N only."""
+        """The (N, d) weight brought to step T (every row materialised), block by block."""
+        out = None
+        for lo in range(0, self.num_rows, _EXPORT_BLOCK):
+            idx = np.arange(lo, min(lo + _EXPORT_BLOCK, self.num_rows), dtype=np.int64)
+            w, _ = self.rows_at(idx, T)
+            if out is None:
+                out = torch.empty(self.num_rows, self.dim, dtype=w.dtype)  # (N, d) host
+            out[lo : lo + len(idx)] = w
+        return out
 
     def stats(self) -> dict[str, float]:
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         pass
 
 
@@ -94,28 +123,25 @@ class DenseHead(Head, nn.Module):
 
     def __init__(self, num_rows: int, dim: int, lrs: np.ndarray, optim_cfg, *, loss: str = "batch",
                  label_smoothing: float = 0.8, logit_scale: float = 1.0, extra_negatives: int = 0,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 lookahead: int = 0, seed: int = 0, ce: BatchCE = batch_cross_entropy,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         nn.Module.__init__(self)
         self.num_rows, self.dim = num_rows, dim
         self.weight = nn.Parameter(head_init(seed, 0, num_rows, dim, dtype).to(device))  # (N, d)
         self.lrs = lrs
         self.kind = loss
         self.label_smoothing, self.logit_scale, self.extra = label_smoothing, logit_scale, extra_negatives
-        if optim_cfg.name == "adamw":
-            self.opt = torch.optim.AdamW([self.weight], lr=float(lrs[0]), betas=tuple(optim_cfg.betas),
-                                         eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
-        else:
-            self.opt = torch.optim.SGD([self.weight], lr=float(lrs[0]), momentum=optim_cfg.momentum,
-                                       weight_decay=optim_cfg.weight_decay)
+        self.lookahead, self.ce = lookahead, ce
+        self.opt = build_optimizer([self.weight], optim_cfg, float(lrs[0]))
 
-    def loss(self, z, index, t, upcoming=()):
+    def loss(self, z, index, t):
+        upcoming = self._upcoming()
         if self.kind == "full":  # original DIET: softmax over all N rows
             target = torch.as_tensor(index, device=z.device)
             return F.cross_entropy(self.logit_scale * z @ self.weight.T, target, label_smoothing=self.label_smoothing)
         rows, target = candidate_rows(index, upcoming, self.extra)
         r = self.weight[torch.as_tensor(rows, device=z.device)]  # (M, d); backward scatters into a dense (N, d) grad
-        return batch_cross_entropy(z, r, torch.as_tensor(target, device=z.device),
-                                   self.label_smoothing, self.logit_scale)
+        return self.ce(z, r, torch.as_tensor(target, device=z.device), self.label_smoothing, self.logit_scale)
 
     def step(self, t):
         for g in self.opt.param_groups:
@@ -131,6 +157,10 @@ class DenseHead(Head, nn.Module):
             self.weight.copy_(state["weight"])
         self.opt.load_state_dict(state["optimizer"])
 
+    def rows_at(self, index, T):
+        w = self.weight.detach()[torch.as_tensor(index, device=self.weight.device)].cpu()  # (M, d)
+        return w, torch.full((len(index),), T, dtype=torch.int64)  # a dense head is always current
+
     def export(self, T):
         return self.weight.detach().cpu().clone()
 
@@ -139,34 +169,29 @@ class LazyHead(Head):
     """s-DIET head: rows in a HeadStore, exact lazy optimizer, batch cross-entropy."""
 
     def __init__(self, store: HeadStore, lrs: np.ndarray, optim_cfg, *, label_smoothing: float = 0.8,
-                 logit_scale: float = 1.0, extra_negatives: int = 0, mode: str = "exact",
-                 batch_size: int = 256, device: torch.device | str = "cpu") -> None:
+                 logit_scale: float = 1.0, extra_negatives: int = 0, lookahead: int = 0, mode: str = "exact",
+                 batch_size: int = 256, ce: BatchCE = batch_cross_entropy,
+                 device: torch.device | str = "cpu") -> None:
         self.store = store
         self.num_rows, self.dim = store.meta.num_rows, store.meta.dim
         self.lrs = lrs
         self.label_smoothing, self.logit_scale, self.extra = label_smoothing, logit_scale, extra_negatives
+        self.lookahead, self.ce = lookahead, ce
         self.device = torch.device(device)
-        if optim_cfg.name == "adamw":
-            self.opt = LazyAdamW(lrs, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                                 weight_decay=optim_cfg.weight_decay, mode=mode,
-                                 **_paper_kwargs(mode, self.num_rows, batch_size))
-        else:
-            self.opt = LazySGD(lrs, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay, mode=mode,
-                               **_paper_kwargs(mode, self.num_rows, batch_size))
+        self.opt = build_lazy_optimizer(optim_cfg, lrs, mode, num_rows=self.num_rows, batch_size=batch_size)
         self._block: RowBlock | None = None  # the step's rows on `device`
         self._rows: torch.Tensor | None = None  # leaf (M, d) that receives the gradient
 
     def prefetch(self, index):
         self.store.prefetch(np.unique(index))
 
-    def loss(self, z, index, t, upcoming=()):
-        rows, target = candidate_rows(index, upcoming, self.extra)
+    def loss(self, z, index, t):
+        rows, target = candidate_rows(index, self._upcoming(), self.extra)
         block = self.store.read_rows(rows).to(self.device, non_blocking=True)  # host → device copy
         self.opt.catch_up(block.weight, block.exp_avg, block.exp_avg_sq, block.step, t)  # rows now at t-1
         self._block = block
         self._rows = block.weight.detach().requires_grad_(True)  # (M, d)
-        return batch_cross_entropy(z, self._rows, torch.as_tensor(target, device=z.device),
-                                   self.label_smoothing, self.logit_scale)
+        return self.ce(z, self._rows, torch.as_tensor(target, device=z.device), self.label_smoothing, self.logit_scale)
 
     def step(self, t):
         block, rows = self._block, self._rows
@@ -177,15 +202,10 @@ class LazyHead(Head):
         self._block = self._rows = None
 
     def state_dict(self):
-        if isinstance(self.store, MemoryHeadStore):
-            return {"store": _memory_state(self.store)}
-        return {"meta": self.store.meta.to_dict()}  # disk: the store itself is the checkpoint
+        return {"store": self.store.state_dict()}  # a disk store: its metadata only (it is its own checkpoint)
 
     def load_state_dict(self, state):
-        if isinstance(self.store, MemoryHeadStore):
-            _load_memory_state(self.store, state["store"])
-        else:
-            self.store.meta.check_compatible(HeadMeta.from_dict(state["meta"]), "checkpoint's head store")
+        self.store.load_state_dict(state["store"])
 
     def commit(self, step):
         self.store.commit(step)
@@ -193,44 +213,59 @@ class LazyHead(Head):
     def recover(self, step):
         self.store.recover(step)
 
-    def export(self, T):
-        """All rows at step T, in chunks of rows (host memory O(N·d) for the result only)."""
-        out = None
-        for lo in range(0, self.num_rows, 65536):
-            idx = np.arange(lo, min(lo + 65536, self.num_rows), dtype=np.int64)
-            b = self.store.read_rows(idx)
-            self.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
-            if out is None:
-                out = torch.empty(self.num_rows, self.dim, dtype=b.weight.dtype)  # (N, d) host
-            out[lo : lo + len(idx)] = b.weight
-        return out
+    def rows_at(self, index, T):
+        b = self.store.read_rows(index)
+        stamps = b.step.clone()
+        self.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
+        return b.weight, stamps
 
     def stats(self):
-        fn = getattr(self.store, "stats", None)
-        return dict(fn()) if callable(fn) else {}
+        return self.store.stats()
 
     def close(self):
         self.store.close()
 
 
-def _paper_kwargs(mode: str, num_rows: int, batch_size: int) -> dict:
-    return {"num_rows": num_rows, "batch_size": batch_size} if mode == "paper" else {}
+# ---------------------------------------------------------------------------------------- factory
 
 
-def _memory_state(store: MemoryHeadStore) -> dict:
-    fn = getattr(store, "state_dict", None)
-    if callable(fn):
-        return fn()
-    return {"weight": store.weight, "exp_avg": store.exp_avg, "exp_avg_sq": store.exp_avg_sq,
-            "step": torch.from_numpy(store.step_stamps.copy())}
+def head_meta(cfg, num_rows: int, dim: int, dtype: torch.dtype, chunk_rows: int) -> HeadMeta:
+    """The metadata a run's head store is created with (and checked against when reopened)."""
+    return HeadMeta(num_rows=num_rows, dim=dim, dtype=str(dtype).removeprefix("torch."),
+                    optimizer=head_optimizer_meta(cfg.optim, cfg.head.optimizer_mode), chunk_rows=int(chunk_rows))
 
 
-def _load_memory_state(store: MemoryHeadStore, state: dict) -> None:
-    fn = getattr(store, "load_state_dict", None)
-    if callable(fn):
-        fn(state)
-        return
-    store.weight.copy_(state["weight"])
-    store.exp_avg.copy_(state["exp_avg"])
-    store.exp_avg_sq.copy_(state["exp_avg_sq"])
-    store.step_stamps[:] = state["step"].numpy()
+def open_train_store(cfg, meta: HeadMeta, *, run_dir: str | Path, rank: int = 0, world: int = 1,
+                     owned_rows: np.ndarray | None = None) -> HeadStore:
+    """The store a training rank writes: rows in RAM (`memory`) or this rank's Zarr store (`disk`),
+    created, or reopened and verified on resume."""
+    if cfg.head.store == "memory":
+        return MemoryHeadStore(meta, seed=cfg.head.seed)
+    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
+    from diet_engine.storage.head import open_or_create_store  # noqa: PLC0415
+
+    path = rank_store_path(cfg.head.store_path, run_dir, rank, world)  # distributed: one store per rank
+    return open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume,
+                                memory_budget_bytes=cfg.head.memory_budget_mb << 20, owned_rows=owned_rows)
+
+
+def build_head(cfg, lrs: np.ndarray, *, num_rows: int, dim: int, store: HeadStore | None = None,
+               ce: BatchCE = batch_cross_entropy, world: int = 1, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> Head:
+    """The head `cfg.head` describes: a `DenseHead` (store='dense'), else a `LazyHead` over `store`.
+
+    Used by the trainer and by `diet head export` alike. `ce` is the batch cross-entropy the head
+    calls (the global one of engine/global_ce.py on several ranks with train.batch_ce=global);
+    `world` scales the batch size the paper-mode optimizer assumes.
+    """
+    h = cfg.head
+    if ce is not batch_cross_entropy and h.loss != "batch":
+        raise ValueError(f"train.batch_ce={cfg.train.batch_ce}: a global batch cross-entropy needs head.loss=batch "
+                         f"(got head.loss={h.loss!r})")
+    common = dict(label_smoothing=h.label_smoothing, logit_scale=h.logit_scale, extra_negatives=h.extra_negatives,
+                  lookahead=h.lookahead, ce=ce, device=device)
+    if h.store == "dense":
+        return DenseHead(num_rows, dim, lrs, cfg.optim, loss=h.loss, seed=h.seed, dtype=dtype, **common)
+    if store is None:
+        raise ValueError(f"head.store={h.store!r} needs a head store")
+    return LazyHead(store, lrs, cfg.optim, mode=h.optimizer_mode, batch_size=cfg.train.batch_size * world, **common)

@@ -4,7 +4,7 @@ Every objective is an `nn.Module` whose trainable parameters (a projector, a cla
 trainer's `_Joint` module, so DeepSpeed owns, all-reduces and checkpoints them with the backbone;
 the DIET head never does. The trainer calls
 
-    loss = objective.loss(engine, x, index, labels, t, upcoming, head)
+    loss = objective.loss(engine, x, index, labels, t, head)
 
 where `engine(x)` runs the DietModel (backbone → projector → normalise) under DeepSpeed.
 
@@ -28,10 +28,10 @@ from diet_engine.engine.simclr import SimclrProjector, nt_xent, stack_views
 class DietObjective(nn.Module):
     """DIET: classify every sample as its own class through the head."""
 
-    def loss(self, engine, x: torch.Tensor, index: np.ndarray, labels, t: int, upcoming, head) -> torch.Tensor:
+    def loss(self, engine, x: torch.Tensor, index: np.ndarray, labels, t: int, head) -> torch.Tensor:
         z = engine(x)  # (B, d)
         z = z if z.dtype == torch.float64 else z.float()  # the head and its loss stay fp32 under autocast
-        return head.loss(z, index, t, upcoming)
+        return head.loss(z, index, t)
 
 
 class SimclrObjective(nn.Module):
@@ -42,7 +42,7 @@ class SimclrObjective(nn.Module):
         self.projector = SimclrProjector(in_dim, hidden, out_dim)
         self.temperature = temperature
 
-    def loss(self, engine, x: torch.Tensor, index: np.ndarray, labels, t: int, upcoming, head) -> torch.Tensor:
+    def loss(self, engine, x: torch.Tensor, index: np.ndarray, labels, t: int, head) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 2:
             raise ValueError(f"SimCLR expects two views per sample (B, 2, C, H, W), got {tuple(x.shape)}; "
                              "is the loader's transform wrapped in engine.simclr.TwoViews?")
@@ -58,7 +58,7 @@ class SupervisedObjective(nn.Module):
         super().__init__()
         self.classifier = nn.Linear(in_dim, num_classes)
 
-    def loss(self, engine, x: torch.Tensor, index: np.ndarray, labels, t: int, upcoming, head) -> torch.Tensor:
+    def loss(self, engine, x: torch.Tensor, index: np.ndarray, labels, t: int, head) -> torch.Tensor:
         if labels is None:
             raise ValueError("train.method=supervised needs labels from the loader (with_labels=True)")
         y = torch.as_tensor(labels, device=x.device).long()  # (B,)

@@ -1,15 +1,16 @@
 """The training loop: `Trainer.train()` → `train_step()` → `forward_backward()`.
 
-One DIET step at optimizer step t (1-based):
-    z = model(augment(x))                     # backbone under DeepSpeed, (B, d)
-    loss = head.loss(z, index, t)             # rows gathered + caught up to t-1, batch or full CE
+One DIET step at optimizer step t (1-based), in three files (this one, engine/objectives.py and
+engine/head.py) plus the kernels and the store they call:
+    head.start_epoch(plan, k0)                # once per epoch: the head's prefetch window
+    z = model(augment(x))                     # objectives.py: backbone under DeepSpeed, (B, d)
+    loss = head.loss(z, index, t)             # head.py: rows gathered + caught up to t-1, batch or full CE
     engine.backward(loss)                     # dz → backbone grads; dR → head row grads
     engine.step(); head.step(t)               # backbone optimizer step; lazy head step t + scatter
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -19,18 +20,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diet_engine.engine import checkpoint as ckpt
+from diet_engine.engine.checkpoint import CheckpointManager, export_backbone
 from diet_engine.engine.config import RunConfig
 from diet_engine.engine.data import build_train_loader, load_manifest, manifest_stats
-from diet_engine.engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed, rank_store_path
-from diet_engine.engine.global_ce import batch_ce_scope
-from diet_engine.engine.head import DenseHead, Head, LazyHead, make_head_optimizer_meta
+from diet_engine.engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed
+from diet_engine.engine.global_ce import GlobalBatchCE
+from diet_engine.engine.head import Head, build_head, head_meta, open_train_store
 from diet_engine.engine.metrics import MetricsLogger
 from diet_engine.engine.model import build_model
 from diet_engine.engine.objectives import build_objective
+from diet_engine.engine.optim import build_optimizer
 from diet_engine.engine.run_dir import check_resume, hold_run_lock, mark_run_dir, release_run_lock
 from diet_engine.engine.schedule import warmup_cosine
-from diet_engine.storage.head import HeadMeta, MemoryHeadStore
+from diet_engine.kernels import batch_cross_entropy
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,12 +99,7 @@ class Trainer:
         self.initial_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.objective = build_objective(cfg, self.model, self.manifest, self.device).to(self.dtype)
         params = [p for p in list(self.model.parameters()) + list(self.objective.parameters()) if p.requires_grad]
-        if cfg.optim.name == "adamw":
-            opt = torch.optim.AdamW(params, lr=float(self.lrs[0]), betas=tuple(cfg.optim.betas),
-                                    eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=float(self.lrs[0]), momentum=cfg.optim.momentum,
-                                  weight_decay=cfg.optim.weight_decay)
+        opt = build_optimizer(params, cfg.optim, float(self.lrs[0]))
         if self.dtype == torch.float64:
             _allow_fp64_gradient_reduction()
         module = _Joint(self.model, self.objective)
@@ -115,32 +112,36 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of `epoch` already consumed
+        self.checkpoints = CheckpointManager(self.run_dir, self.engine, position=self, head=self.head,
+                                             is_main=self.is_main, keep=cfg.train.keep_checkpoints)
         if cfg.train.resume:
-            self.resume()
+            self.checkpoints.load()
 
-    # ------------------------------------------------------------------ construction
     def build_head(self) -> Head:
+        """This rank's head: its store (RAM, or its own Zarr store on disk) and its batch CE (global
+        across ranks with train.batch_ce=global)."""
         cfg = self.cfg
         n, d = self.manifest.num_samples, self.model.out_dim
-        common = dict(label_smoothing=cfg.head.label_smoothing, logit_scale=cfg.head.logit_scale,
-                      extra_negatives=cfg.head.extra_negatives)
-        if cfg.head.store == "dense":
-            return DenseHead(n, d, self.lrs, cfg.optim, loss=cfg.head.loss, seed=cfg.head.seed,
-                             device=self.device, dtype=self.dtype, **common)
-        meta = HeadMeta(num_rows=n, dim=d, dtype=str(self.dtype).removeprefix("torch."),
-                        optimizer=make_head_optimizer_meta(cfg.optim, cfg.head.optimizer_mode),
-                        chunk_rows=int(self.manifest.shard_size))
-        if cfg.head.store == "memory":
-            store = MemoryHeadStore(meta, seed=cfg.head.seed)
-        else:
-            from diet_engine.storage.head import open_or_create_store  # noqa: PLC0415
+        store = None
+        if cfg.head.store != "dense":
+            meta = head_meta(cfg, n, d, self.dtype, self.manifest.shard_size)
+            store = open_train_store(cfg, meta, run_dir=self.run_dir, rank=self.rank, world=self.world,
+                                     owned_rows=self.loader.owned_rows() if self.world > 1 else None)
+        ce = GlobalBatchCE() if cfg.train.batch_ce == "global" and self.world > 1 else batch_cross_entropy
+        return build_head(cfg, self.lrs, num_rows=n, dim=d, store=store, ce=ce, world=self.world,
+                          device=self.device, dtype=self.dtype)
 
-            path = rank_store_path(cfg.head.store_path, self.run_dir, self.rank, self.world)  # distributed: one store per rank
-            store = open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume,
-                                         memory_budget_bytes=cfg.head.memory_budget_mb << 20,
-                                         owned_rows=self.loader.owned_rows() if self.world > 1 else None)
-        return LazyHead(store, self.lrs, cfg.optim, mode=cfg.head.optimizer_mode,
-                        batch_size=cfg.train.batch_size * self.world, device=self.device, **common)
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands: optimizer steps done, epoch, batches of it consumed, ranks."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.world}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["world_size"]) != self.world:
+            raise ValueError(f"the checkpoint was written by {state['world_size']} ranks; "
+                             f"resume with the same world size (got {self.world})")
+        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -151,17 +152,10 @@ class Trainer:
         seen, window_t = 0, time.perf_counter()
         last_loss = float("nan")
         while self.step < self.total_steps:
-            plan = self.loader.plan(self.epoch)
-            lookahead = self.cfg.head.lookahead
             if self.head is not None:
-                for k in range(self.batch_in_epoch, min(self.batch_in_epoch + lookahead, len(plan))):
-                    self.head.prefetch(plan[k])
+                self.head.start_epoch(self.loader.plan(self.epoch), self.batch_in_epoch)
             for batch in self.loader.epoch(self.epoch, start_batch=self.batch_in_epoch):
-                k = self.batch_in_epoch
-                if self.head is not None and k + lookahead < len(plan):
-                    self.head.prefetch(plan[k + lookahead])
-                upcoming = plan[k + 1 : k + 1 + max(lookahead, 1)]
-                loss = self.train_step(batch, upcoming)
+                loss = self.train_step(batch)
                 self.batch_in_epoch += 1
                 seen += len(batch[1]) * self.world
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
@@ -190,39 +184,35 @@ class Trainer:
         self.metrics.close()
         return {"steps": self.step, "train_time_s": train_time, "final_loss": last_loss}
 
-    def train_step(self, batch, upcoming) -> torch.Tensor:
+    def train_step(self, batch) -> torch.Tensor:
         """One optimizer step t = self.step + 1 over the batch."""
         t = self.step + 1
         lr = float(self.lrs[t - 1])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        loss = self.forward_backward(batch, t, upcoming)
+        loss = self.forward_backward(batch, t)
         self.engine.step()
         if self.head is not None:
             self.head.step(t)  # lazy step t on the batch's rows + write-behind
         self.step = t
         return loss.detach()
 
-    def forward_backward(self, batch, t: int, upcoming) -> torch.Tensor:
+    def forward_backward(self, batch, t: int) -> torch.Tensor:
         x, index = batch[0].to(self.device, self.dtype, non_blocking=True), batch[1]
         labels = batch[2] if len(batch) > 2 else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"), \
-                batch_ce_scope(self.head, self.cfg.train.batch_ce):  # distributed: train.batch_ce=global hook
-            loss = self.objective.loss(self.engine, x, index.numpy(), labels, t, upcoming, self.head)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            loss = self.objective.loss(self.engine, x, index.numpy(), labels, t, self.head)
         self.engine.backward(loss)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> None:
-        ckpt.save(self)
-
-    def resume(self) -> None:
-        ckpt.resume(self)
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step)
 
     def export_backbone(self) -> Path | None:
         if not self.is_main:
             return None
-        return ckpt.export_backbone(self.model, self.cfg, self.run_dir / "backbone.safetensors")
+        return export_backbone(self.model, self.cfg, self.run_dir / "backbone.safetensors")
 
     def close(self) -> None:
         if self.head is not None:
@@ -258,8 +248,4 @@ def _allow_fp64_gradient_reduction() -> None:
         acc.supported_dtypes = lambda: [*base(), torch.float64]
 
 
-def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:
-    return epochs * math.ceil(num_samples / batch_size)
-
-
-__all__ = ["Trainer", "resolve_device", "steps_for", "np"]
+__all__ = ["Trainer", "resolve_device"]

@@ -133,53 +133,42 @@ def _client_state(ckpt: Path) -> dict:
 
 
 def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) -> list:
-    from diet_engine.engine.head import DenseHead, LazyHead  # noqa: PLC0415
-    from diet_engine.storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore  # noqa: PLC0415
+    """The run's head as it stood at the checkpoint, one read-only head per rank store (`build_head`,
+    the trainer's factory): a dense head from the checkpoint's weights, a memory store from its
+    rows, or each rank's Zarr store."""
+    from diet_engine.engine.head import build_head  # noqa: PLC0415
+    from diet_engine.storage.head import MemoryHeadStore, ZarrHeadStore  # noqa: PLC0415
 
     head_state = client["head"]
     if cfg.head.store == "dense":
         w = head_state["weight"]
-        head = DenseHead(w.shape[0], w.shape[1], lrs, cfg.optim, dtype=w.dtype)
+        head = build_head(cfg, lrs, num_rows=w.shape[0], dim=w.shape[1], world=world, dtype=w.dtype)
         head.load_state_dict(head_state)
-        return [_Dense(head)]
+        return [head]
+    state = head_state["store"]
     if cfg.head.store == "memory":
-        meta = HeadMeta.from_dict(head_state["store"]["meta"])
-        store = MemoryHeadStore(meta, seed=cfg.head.seed)
-        store.load_state_dict(head_state["store"])
-        return [LazyHead(store, lrs, cfg.optim, mode=cfg.head.optimizer_mode)]
-    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
+        stores = [MemoryHeadStore.from_state_dict(state, read_only=True)]
+    else:
+        from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
+        from diet_engine.storage.head import HeadMeta  # noqa: PLC0415
 
-    heads = []
-    for r in range(world):
-        path = rank_store_path(cfg.head.store_path, run_dir, r, world)
-        store = ZarrHeadStore.open(path, HeadMeta.from_dict(head_state["meta"]), mode="r")
-        heads.append(LazyHead(store, lrs, cfg.optim, mode=cfg.head.optimizer_mode))
-    return heads
-
-
-class _Dense:
-    def __init__(self, head) -> None:
-        self.head, self.num_rows, self.dim = head, head.num_rows, head.dim
-
-    def close(self) -> None:
-        pass
+        meta = HeadMeta.from_dict(state["meta"])
+        stores = [ZarrHeadStore.open(rank_store_path(cfg.head.store_path, run_dir, r, world), meta, mode="r")
+                  for r in range(world)]
+    return [build_head(cfg, lrs, num_rows=s.meta.num_rows, dim=s.meta.dim, store=s, world=world) for s in stores]
 
 
 def _materialised(sources: list, idx: np.ndarray, T: int) -> torch.Tensor:
     """Rows idx at step T; with several rank stores, each row from the store that stepped it last
     (its owner: the only rank that ever steps it)."""
-    if isinstance(sources[0], _Dense):
-        return sources[0].head.weight.detach()[torch.from_numpy(idx)].float()
     best, best_step = None, None
     for head in sources:
-        b = head.store.read_rows(idx)
-        stamps = b.step.clone()
-        head.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
+        w, stamps = head.rows_at(idx, T)
         if best is None:
-            best, best_step = b.weight.float(), stamps
+            best, best_step = w.float(), stamps
         else:
             newer = stamps > best_step
-            best[newer] = b.weight.float()[newer]
+            best[newer] = w.float()[newer]
             best_step = torch.maximum(best_step, stamps)
     return best
 

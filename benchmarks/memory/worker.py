@@ -168,7 +168,7 @@ def run(spec: dict) -> dict:
             self.peak_steps_kib = self.cuda_alloc = self.cuda_reserved = self.rss_between_steps_kib = 0
             super().__init__(cfg)
 
-        def train_step(self, batch, upcoming):
+        def train_step(self, batch):
             if self.step == warmup:
                 self.rss_between_steps_kib = _status_kib("VmRSS")  # model, optimizer state, head, caches
                 _reset_hwm()
@@ -176,7 +176,7 @@ def run(spec: dict) -> dict:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            loss = super().train_step(batch, upcoming)
+            loss = super().train_step(batch)
             if cuda:
                 torch.cuda.synchronize()
             self.step_times.append(time.perf_counter() - t0)

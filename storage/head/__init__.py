@@ -8,6 +8,7 @@ from diet_engine.storage.head.errors import (
     HeadStoreReadOnlyError,
 )
 from diet_engine.storage.head.file_io import FileIO
+from diet_engine.storage.head.lookahead import Lookahead
 from diet_engine.storage.head.memory import MemoryHeadStore
 from diet_engine.storage.head.zarr_layout import chunk_rows_from_shards
 from diet_engine.storage.head.config import ZarrHeadStoreConfig
@@ -23,6 +24,7 @@ __all__ = [
     "HeadStoreError",
     "HeadStoreIOError",
     "HeadStoreReadOnlyError",
+    "Lookahead",
     "MemoryHeadStore",
     "RowBlock",
     "ZarrHeadStore",

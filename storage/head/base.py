@@ -194,6 +194,20 @@ class HeadStore(abc.ABC):
         """Restore the state recorded by `commit(step)`; `step` must be in `commits`."""
         check_recover_target(step, self.commits)
 
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint must hold to restore this store at its last commit.
+
+        A store durable by itself (on disk) keeps its rows: the checkpoint holds only its metadata,
+        checked on load, and `recover(S)` restores the rows. An in-memory store returns its rows.
+        """
+        return {"meta": self.meta.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check a `state_dict()` against this store (N, d, dtype, optimizer); a memory store loads rows."""
+        self.meta.check_compatible(HeadMeta.from_dict(state["meta"]), "checkpoint's head store")
+
     def close(self) -> None:
         self.flush()
 

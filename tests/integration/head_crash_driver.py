@@ -27,7 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from diet_engine.storage.head import FileIO, HeadMeta, HeadStore, MemoryHeadStore, RowBlock, ZarrHeadStore  # noqa: E402
+from diet_engine.storage.head import (  # noqa: E402
+    FileIO,
+    HeadMeta,
+    HeadStore,
+    Lookahead,
+    MemoryHeadStore,
+    RowBlock,
+    ZarrHeadStore,
+)
 
 N, D, R, B = 2000, 32, 128, 96
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.05
@@ -75,12 +83,11 @@ def train(store: HeadStore, start: int, steps: int, args, on_commit=None, say=la
     after step `args.hold_at` once its writes have reached the OS (see --hold-at)."""
     hold_at = getattr(args, "hold_at", None)
     update = _Update(args.optimizer, steps)
-    for k in range(start + 1, min(start + 1 + args.lookahead, steps + 1)):
-        store.prefetch(batch(args.order, k, args.seed))
+    plan = [batch(args.order, k, args.seed) for k in range(1, steps + 1)]  # plan[t - 1]: step t's rows
+    window = Lookahead(store.prefetch, plan, args.lookahead, start)
     for t in range(start + 1, steps + 1):
-        if t + args.lookahead <= steps:
-            store.prefetch(batch(args.order, t + args.lookahead, args.seed))
-        b = store.read_rows(batch(args.order, t, args.seed))
+        window.advance()
+        b = store.read_rows(plan[t - 1])
         update(b, t, args.seed)
         store.write_rows(b)
         say(f"STEP {t}")

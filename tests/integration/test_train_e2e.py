@@ -138,21 +138,19 @@ def test_lazy_head_training_equals_dense_head_training(digits_dir, tmp_path):
 
 def _record_head_steps(trainer, monkeypatch) -> list[list]:
     """Record (rows, row gradient) of every lazy head step `trainer` takes."""
-    import diet_engine.engine.head as head_mod
-
     log: list[list] = []
-    loss, opt_step = head_mod.LazyHead.loss, trainer.head.opt.step
-
-    def logged_loss(self, z, index, t, upcoming=()):
-        log.append([head_mod.candidate_rows(index, upcoming, self.extra)[0], None])
-        return loss(self, z, index, t, upcoming)
+    opt_step, write_rows = trainer.head.opt.step, trainer.head.store.write_rows
 
     def logged_step(w, m, v, s, grad, t):
-        log[-1][1] = grad.detach().clone()
+        log.append([None, grad.detach().clone()])
         return opt_step(w, m, v, s, grad, t)
 
-    monkeypatch.setattr(head_mod.LazyHead, "loss", logged_loss)
+    def logged_write(block):
+        log[-1][0] = block.index.copy()  # the step's rows, written right after its optimizer step
+        return write_rows(block)
+
     monkeypatch.setattr(trainer.head.opt, "step", logged_step)
+    monkeypatch.setattr(trainer.head.store, "write_rows", logged_write)
     return log
 
 

@@ -67,13 +67,13 @@ def test_simclr_objective_runs_both_views_through_the_engine():
     seen = []
     engine.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     x = torch.randn(6, 2, 3, 4, 4)
-    loss = obj.loss(engine, x, np.arange(6), None, 1, [], None)
+    loss = obj.loss(engine, x, np.arange(6), None, 1, None)
     assert seen == [torch.Size([12, 3, 4, 4])]  # one backbone call on 2B images
     loss.backward()
     assert all(p.grad is not None for p in obj.projector.parameters())
     assert engine.net[1].weight.grad is not None
     with pytest.raises(ValueError, match="two views"):
-        obj.loss(engine, torch.randn(6, 3, 4, 4), np.arange(6), None, 1, [], None)
+        obj.loss(engine, torch.randn(6, 3, 4, 4), np.arange(6), None, 1, None)
 
 
 def test_supervised_objective_is_cross_entropy_of_a_linear_classifier():
@@ -81,13 +81,13 @@ def test_supervised_objective_is_cross_entropy_of_a_linear_classifier():
     engine = _FakeEngine(12, 5)
     obj = SupervisedObjective(5, 3)
     x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 2, 1, 2])
-    loss = obj.loss(engine, x, np.arange(4), y, 1, [], None)
+    loss = obj.loss(engine, x, np.arange(4), y, 1, None)
     ref = nn.functional.cross_entropy(obj.classifier(engine(x)), y)
     torch.testing.assert_close(loss, ref)
     with pytest.raises(ValueError, match="labels"):
-        obj.loss(engine, x, np.arange(4), None, 1, [], None)
+        obj.loss(engine, x, np.arange(4), None, 1, None)
     with pytest.raises(ValueError, match="no label"):
-        obj.loss(engine, x, np.arange(4), torch.tensor([0, -1, 1, 2]), 1, [], None)
+        obj.loss(engine, x, np.arange(4), torch.tensor([0, -1, 1, 2]), 1, None)
 
 
 def test_build_objective_per_method():

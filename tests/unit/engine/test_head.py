@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diet_engine.engine.config import OptimConfig
-from diet_engine.engine.head import DenseHead, LazyHead, candidate_rows, make_head_optimizer_meta
+from diet_engine.engine.head import DenseHead, LazyHead, candidate_rows
+from diet_engine.engine.optim import head_optimizer_meta
 from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.storage.head import HeadMeta, MemoryHeadStore, head_init
 
@@ -76,7 +77,7 @@ def test_lazy_memory_head_equals_dense_head(name):
     lrs = warmup_cosine(5e-2, steps, 5)
     cfg = OptimConfig(name=name, weight_decay=0.05)
     dense = DenseHead(N, K, lrs, cfg, loss="batch", dtype=torch.float64)
-    meta = HeadMeta(num_rows=N, dim=K, dtype="float64", optimizer=make_head_optimizer_meta(cfg))
+    meta = HeadMeta(num_rows=N, dim=K, dtype="float64", optimizer=head_optimizer_meta(cfg))
     lazy = LazyHead(MemoryHeadStore(meta), lrs, cfg)
     g = torch.Generator().manual_seed(0)
     for t in range(1, steps + 1):

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from diet_engine.engine.config import OptimConfig
-from diet_engine.engine.head import DenseHead, LazyHead, make_head_optimizer_meta
+from diet_engine.engine.head import DenseHead, LazyHead
+from diet_engine.engine.optim import head_optimizer_meta
 from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore, ZarrHeadStoreConfig, head_init
 
@@ -55,11 +56,8 @@ def plan(order: str, steps: int, seed: int = 0) -> list[np.ndarray]:
 
 def run(head, batches, zs) -> list[float]:
     losses = []
-    for k in range(min(LOOKAHEAD, len(batches))):
-        head.prefetch(batches[k])
+    head.start_epoch(batches)  # the head prefetches LOOKAHEAD batches ahead, as in training
     for t in range(1, STEPS + 1):
-        if t - 1 + LOOKAHEAD < len(batches):
-            head.prefetch(batches[t - 1 + LOOKAHEAD])
         loss = head.loss(zs[t - 1], batches[t - 1], t)
         loss.backward()
         head.step(t)
@@ -75,21 +73,21 @@ def _setup(order: str, name: str, dtype: torch.dtype):
     g = torch.Generator().manual_seed(1)
     zs = [torch.randn(B, D, generator=g, dtype=dtype) for _ in range(STEPS)]
     meta = HeadMeta(num_rows=N, dim=D, dtype=str(dtype).removeprefix("torch."),
-                    optimizer=make_head_optimizer_meta(cfg), chunk_rows=R)
+                    optimizer=head_optimizer_meta(cfg), chunk_rows=R)
     return lrs, cfg, plan(order, STEPS), zs, meta
 
 
 def _disk_run(path, meta, lrs, cfg, batches, zs):
     """Train through the disk store; return (losses, live export, export after reopening read-only)."""
     conf = ZarrHeadStoreConfig(memory_budget_bytes=BUDGET)
-    lazy = LazyHead(ZarrHeadStore.create(path, meta, seed=3, config=conf), lrs, cfg)
+    lazy = LazyHead(ZarrHeadStore.create(path, meta, seed=3, config=conf), lrs, cfg, lookahead=LOOKAHEAD)
     try:
         losses = run(lazy, batches, zs)
         stats = lazy.stats()
         live = lazy.export(STEPS)
     finally:
         lazy.close()
-    reopened = LazyHead(ZarrHeadStore.open(path, meta, mode="r", config=conf), lrs, cfg)
+    reopened = LazyHead(ZarrHeadStore.open(path, meta, mode="r", config=conf), lrs, cfg, lookahead=LOOKAHEAD)
     try:
         on_disk = reopened.export(STEPS)
     finally:
@@ -105,7 +103,7 @@ def test_disk_head_equals_dense_head(tmp_path, order, name):
     """fp64, so that the comparison measures the store and the lazy optimizer, not fp32 rounding:
     300 fp32 steps of the dense reference itself drift 2e-5 (relative to max|W|) from its fp64 run."""
     lrs, cfg, batches, zs, meta = _setup(order, name, torch.float64)
-    dense = DenseHead(N, D, lrs, cfg, loss="batch", seed=3, dtype=torch.float64)
+    dense = DenseHead(N, D, lrs, cfg, loss="batch", seed=3, dtype=torch.float64, lookahead=LOOKAHEAD)
     losses_dense = run(dense, batches, zs)
     ref = dense.export(STEPS)
     # the run moved the head: the comparison is not between two untouched initialisations
@@ -123,14 +121,14 @@ def test_disk_head_fp32_is_bitwise_the_memory_head(tmp_path, order):
     """In fp32 the disk store changes nothing: same bits as the in-RAM lazy head, step for step;
     both within fp32 rounding of the dense fp32 reference."""
     lrs, cfg, batches, zs, meta = _setup(order, "adamw", torch.float32)
-    mem = LazyHead(MemoryHeadStore(meta, seed=3), lrs, cfg)
+    mem = LazyHead(MemoryHeadStore(meta, seed=3), lrs, cfg, lookahead=LOOKAHEAD)
     losses_mem = run(mem, batches, zs)
     ref_mem = mem.export(STEPS)
     losses, live, on_disk = _disk_run(tmp_path / "head.zarr", meta, lrs, cfg, batches, zs)
     assert losses == losses_mem
     assert torch.equal(live, ref_mem) and torch.equal(on_disk, ref_mem)
 
-    dense = DenseHead(N, D, lrs, cfg, loss="batch", seed=3)
+    dense = DenseHead(N, D, lrs, cfg, loss="batch", seed=3, lookahead=LOOKAHEAD)
     np.testing.assert_allclose(losses, run(dense, batches, zs), rtol=1e-5)
     ref = dense.export(STEPS)
     assert float((live - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from diet_engine.storage.head import HeadMeta, HeadStore, HeadStoreReadOnlyError, RowBlock, head_init
+from diet_engine.storage.head import HeadMeta, HeadStore, HeadStoreReadOnlyError, Lookahead, RowBlock, head_init
 
 N, D, R = 300, 12, 64  # rows, dim, chunk rows (5 chunks, the last one partial)
 
@@ -193,10 +193,9 @@ class HeadStoreConformance:
         store, model = make_store(make_meta()), Model(make_meta(), 0)
         steps, lookahead, every = 40, 3, 10
         plan = batches(order, steps + lookahead, 48, seed=1)
-        for k in range(lookahead):
-            store.prefetch(plan[k])
+        window = Lookahead(store.prefetch, plan, lookahead)
         for t in range(1, steps + 1):
-            store.prefetch(plan[t - 1 + lookahead])
+            window.advance()
             b = update(store.read_rows(plan[t - 1]), t)
             store.write_rows(b)
             model.write(b)
