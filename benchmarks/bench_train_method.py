@@ -10,7 +10,10 @@ configuration the rounds alternate supervised and s-DIET so load drift hits both
 the median img/s of the --log-every windows after the first (start-up); per case, the median over
 rounds. Bars (issue 17): s-DIET / supervised step time ≤ 1.05 with the memory head at N = 50,000,
 ≤ 1.10 with the disk head at N = 1,281,167. Supervised uses a 1,000-class linear classifier
-(ImageNet's), labels from the shards. Writes benchmarks/results/train_method.{md,csv,json}.
+(ImageNet's), labels from the shards. Data: `--base-samples` synthetic images are written once; a
+larger N is a *virtual* manifest over them (benchmarks/memory/harness.py: every shard reads the base
+shard, indices positional), so the loader, epoch plan and head see N samples without N images being
+written. Writes benchmarks/results/train_method.{md,csv,json}.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--base-samples", type=int, default=50000,
+                   help="synthetic images written; a larger N is a virtual manifest over them")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=0, help="loader workers (data.num_workers)")
     p.add_argument("--num-classes", type=int, default=1000, help="supervised classifier width")
@@ -54,6 +59,13 @@ def _one(run: Path, args: list[str]) -> dict:
             "peak_rss_GB": r["peak_rss_tree_GB"]}
 
 
+def _virtual(base: Path, n: int, out: Path) -> Path:
+    from benchmarks.memory.harness import virtual_manifest  # noqa: PLC0415
+    from diet_engine.storage.shards import Manifest  # noqa: PLC0415
+
+    return virtual_manifest(Manifest.load(base), n, out)
+
+
 def run(a: argparse.Namespace) -> int:
     work = Path(a.work)
     load0 = os.getloadavg()[0]
@@ -61,8 +73,9 @@ def run(a: argparse.Namespace) -> int:
     for spec in a.configs:
         store, n = spec.split(":")
         n = int(n)
-        data = work / f"synth-{n}-{a.image_size}px"
-        prep[spec] = round(ensure_synthetic(data, n, a.image_size), 1)
+        base = work / f"synth-{min(n, a.base_samples)}-{a.image_size}px"
+        prep[spec] = round(ensure_synthetic(base, min(n, a.base_samples), a.image_size), 1)
+        data = base if n <= a.base_samples else _virtual(base, n, work / f"virtual-{n}-{a.image_size}px")
         common = [f"--data.manifest={data}", "--data.eval_train_manifest=", "--data.eval_test_manifest=",
                   "--data.prepare_digits=false", f"--data.image_size={a.image_size}",
                   f"--data.num_workers={a.workers}", f"--model.backbone={a.backbone}",
@@ -97,7 +110,7 @@ def run(a: argparse.Namespace) -> int:
             + "\n\nimg/s of every round: " + "; ".join(f"{r['config']} {r['method']}: {r['rounds_img_per_s']}"
                                                       for r in rows))
     config = {k: getattr(a, k) for k in ("configs", "image_size", "backbone", "batch_size", "steps", "log_every",
-                                         "rounds", "workers", "num_classes")}
+                                         "rounds", "workers", "num_classes", "base_samples")}
     config |= {"prepare_s": prep, "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"),
                "load_average_1m_at_start": round(load0, 2), "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
     out = Path(a.out)
