@@ -15,7 +15,7 @@ Before each method the store's files are written back and evicted from the page 
 (posix_fadvise DONTNEED), so both start cold. zarr touches every chunk on every batch, so after its
 first batch it reads from the page cache; ours reads fresh rows every batch (never cached by our
 store), i.e. from the disk: the comparison is conservative for ours. The disk at scale is measured
-by bench_head_scale.py. Bar (issue 4): ours ≥ 50× faster than zarr oindex.
+by bench_head_scale.py. Bar: ours ≥ 50× faster than zarr oindex.
 
     python benchmarks/bench_head_gather_scatter.py [--num-rows 100000] [--dim 2048] [--keep]
 """

@@ -12,7 +12,7 @@ Reported per order: head steps/s, head bytes/s (rows read + rows written, three 
 ratio to the disk's raw sequential bandwidth measured in the same run (4 GiB written + fdatasync,
 evicted, read back; the ratio uses the same read/write mix), read stalls, undo-log bytes, commit
 time, peak RSS (sampled) and CPU time per step. The store's files are evicted from the page cache
-before each order (posix_fadvise DONTNEED), so reads come from the disk. Bars (issue 4): streaming
+before each order (posix_fadvise DONTNEED), so reads come from the disk. Bars: streaming
 ≥ 40% of raw bandwidth; random ≥ 12 steps/s; peak RSS ≤ 4 GB at the default 1 GB budget.
 
     python benchmarks/bench_head_scale.py                      # full scale, ~10 min, ~45 GB of disk

@@ -1,4 +1,4 @@
-"""Benchmark of the exact lazy AdamW (issue 3): speed against a dense torch.optim.AdamW step, and
+"""Benchmark of the exact lazy AdamW: speed against a dense torch.optim.AdamW step, and
 how far the s-DIET `paper` mode drifts from dense AdamW over an ImageNet-sized epoch.
 
     python benchmarks/bench_lazy_optim.py            # CPU (numba); Triton too when CUDA is there

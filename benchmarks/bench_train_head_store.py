@@ -8,7 +8,7 @@ synthetic shards (prepared with `diet prepare synthetic` if missing), with the s
 batch and image size; only `--head.store` differs (`memory`: rows in RAM; `disk`: a Zarr store with
 asynchronous gather ahead / scatter behind, default memory budget). Rounds alternate the two cases so
 that load drift hits both alike; per run, the median img/s of the --log-every windows after the first
-(start-up) is taken, per case the median over rounds. Bar (issue 4): disk ≤ 5% slower per step.
+(start-up) is taken, per case the median over rounds. Bar: disk ≤ 5% slower per step.
 Writes benchmarks/results/train_head_store.{md,csv,json}.
 """
 

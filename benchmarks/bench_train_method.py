@@ -8,7 +8,7 @@ batch; s-DIET adds a gather of B head rows (caught up by the exact lazy AdamW), 
 scatter. Every case is a real `diet train` run on the same synthetic shards with the same seed; per
 configuration the rounds alternate supervised and s-DIET so load drift hits both alike. Per run,
 the median img/s of the --log-every windows after the first (start-up); per case, the median over
-rounds. Bars (issue 17): s-DIET / supervised step time ≤ 1.05 with the memory head at N = 50,000,
+rounds. Bars: s-DIET / supervised step time ≤ 1.05 with the memory head at N = 50,000,
 ≤ 1.10 with the disk head at N = 1,281,167. Supervised uses a 1,000-class linear classifier
 (ImageNet's), labels from the shards. Data: `--base-samples` synthetic images are written once; a
 larger N is a *virtual* manifest over them (benchmarks/memory/harness.py: every shard reads the base

@@ -151,7 +151,7 @@ class TrainConfig:
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     simclr_temperature: float = 0.2
     """NT-Xent temperature for method='simclr'."""
-    # --- baselines (issue 7): SimCLR's projector lives in the objective so DeepSpeed owns it
+    # --- SimCLR baseline: its projector lives in the objective so DeepSpeed owns it
     simclr_projector_hidden: int = 2048
     """hidden width of SimCLR's 2-layer projector (method='simclr')."""
     simclr_projector_out: int = 128

@@ -44,7 +44,7 @@ def train_transform(cfg, manifest: Manifest):
     transform = make_train_transform(cfg.data.image_size, cfg.data.strength, mean, std,
                                      crop_scale=(cfg.data.crop_scale_min, 1.0), flip=cfg.data.flip, erasing=cfg.data.erasing,
                                      channels=cfg.data.channels)
-    if cfg.train.method == "simclr":  # issue 7: SimCLR baseline, two augmented views → (2, C, H, W) per sample
+    if cfg.train.method == "simclr":  # SimCLR baseline: two augmented views → (2, C, H, W) per sample
         transform = TwoViews(transform)
     return transform
 

@@ -1,4 +1,4 @@
-"""The configurations compared (issue 7), as `RunConfig` overrides of one shared base.
+"""The configurations the memory benchmark compares, as `RunConfig` overrides of one shared base.
 
     a   DIET, full CE over all N rows, head (weight + AdamW state + dense grad) held whole:
         head.store=dense, head.loss=full                                  — the original DIET

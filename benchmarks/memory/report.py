@@ -83,7 +83,7 @@ def _get(rows, method: str, n: int | None = None, col: str = "peak_mib"):
 
 def check_bars(rows: Sequence[dict[str, Any]], idle_mib: float, device: str, batch_size: int,
                kernels_mib: float | None = None) -> list[dict[str, Any]]:
-    """The issue's bars, each with measured values (raw and, on CPU, net of the idle baseline)."""
+    """The memory bars of benchmarks/README.md, measured (raw and, on CPU, net of the idle process)."""
     bars = []
     net = device != "cuda"
     cs = sorted(r["N"] for r in rows if r["method"] == "c" and r["status"] == "ok")

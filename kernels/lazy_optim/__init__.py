@@ -1,4 +1,4 @@
-"""Exact lazy AdamW / SGD for head rows (see DESIGN.md, "Exact lazy optimizer").
+"""Exact lazy AdamW / SGD for head rows (semantics in `api.py`, the formulas in `reference.py`).
 
 Public API: `LazyAdamW`, `LazySGD`. Rows are passed as tensors (weight, exp_avg, exp_avg_sq,
 step stamps) and updated in place.

@@ -105,7 +105,7 @@ def test_resume_continues_identically(digits_dir, tmp_path):
 
 
 def test_lazy_head_training_equals_dense_head_training(digits_dir, tmp_path):
-    """Issue 3's end-to-end bar: lazy head + batch CE == dense nn.Parameter head + torch AdamW (1e-5),
+    """Exact lazy optimizer end to end: lazy head + batch CE == dense nn.Parameter head + torch AdamW (1e-5),
     two whole training runs (the head's rounding feeds back into the backbone), in fp64.
 
     Two training runs are a dynamical system that amplifies any rounding difference between the

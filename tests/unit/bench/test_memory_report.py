@@ -103,7 +103,7 @@ def test_head_and_store_bytes():
     assert M.head_bytes("a", 1000, 512) == 4 * 1000 * 512 * 4
     assert M.head_bytes("c", 1000, 512) == 8 * 1000 + 125
     assert M.head_bytes("e", 10**9, 512) == 0
-    assert M.store_bytes(10_000_000, 512, 1000) == pytest.approx(61.6e9, rel=0.01)  # the 61 GB
+    assert M.store_bytes(10_000_000, 512, 1000) == pytest.approx(61.6e9, rel=0.01)  # 10M rows, d = 512: 61.6 GB
 
 
 def test_virtual_manifest_gives_n_positional_samples(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 4's equivalence bar: the lazy head on the Zarr disk store == the dense in-memory head.
+"""Out-of-core head equivalence: the lazy head on the Zarr disk store == the dense in-memory head.
 
 300 steps of batch CE with the same seeds, the rows moved exactly as `Trainer.train` moves them
 (prefetch `lookahead` batches ahead, read → catch up → loss → step → write-behind, a commit every

@@ -1,6 +1,6 @@
 """Exact lazy AdamW / SGD against torch.optim applied densely to a whole head (CPU).
 
-Bars (issue 3): fp64 lazy vs fp64 dense, max error ≤ 1e-10 · max|W|; fp32 lazy vs fp64 dense,
+Exactness bars: fp64 lazy vs fp64 dense, max error ≤ 1e-10 · max|W|; fp32 lazy vs fp64 dense,
 ≤ 1e-5 · max|W|. Also: `paper` mode against Eq. 18/20 evaluated directly, the numba backend
 against the reference on hand-picked stamps, and input checks. Triton: test_lazy_optim_triton.py.
 """
