@@ -129,8 +129,18 @@ class TrainConfig:
     """save a checkpoint every K steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """number of most recent checkpoints kept."""
-    resume: bool = False
-    """continue from the newest checkpoint in run_dir."""
+    resume: str = "false"
+    """'true': continue from the newest checkpoint in run_dir; 'auto': do so when run_dir holds a run
+    and start a new one otherwise (a requeued cluster job needs no edited command line); 'false': a
+    new run. Either resume refuses a config that changes the head or the data (see allow_changes)."""
+    preempt_signal: str = "SIGTERM"
+    """signal that stops the run cleanly: every rank finishes its step, a checkpoint is written and
+    `diet train` exits with status 75 ('SIGTERM', 'SIGUSR1', 'SIGUSR2' or 'none'; SLURM sends SIGTERM
+    on preemption, or a chosen signal before the time limit with --signal=USR1@120)."""
+    max_nonfinite_steps: int = 5
+    """a step whose loss or gradients are not finite is skipped (backbone, head rows and moments
+    untouched, counted in metrics.csv as nonfinite_skipped); more than this many in a row stop the
+    run with the last checkpoint intact. -1: no check (saves one host-device sync per step)."""
     allow_changes: str = ""
     """resume only: comma-separated options (or sections) that may differ from the saved run's
     config, accepting a resume that no longer equals the uninterrupted run (e.g.
@@ -219,7 +229,12 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending option."""
+        self.train.resume = _RESUME_ALIASES.get(str(self.train.resume).lower(), str(self.train.resume))
         checks = [
+            (self.train.resume in ("false", "true", "auto"), "train.resume", "'true', 'false' or 'auto'"),
+            (self.train.preempt_signal in ("SIGTERM", "SIGUSR1", "SIGUSR2", "none"), "train.preempt_signal",
+             "'SIGTERM', 'SIGUSR1', 'SIGUSR2' or 'none'"),
+            (self.train.max_nonfinite_steps >= -1, "train.max_nonfinite_steps", ">= -1 (-1: no check)"),
             (self.head.loss in ("batch", "full"), "head.loss", "'batch' or 'full'"),
             (self.head.store in ("dense", "memory", "disk"), "head.store", "'dense', 'memory' or 'disk'"),
             (not (self.head.loss == "full" and self.head.store != "dense"), "head.loss",
@@ -297,6 +312,7 @@ class RunConfig:
             raise ConfigError(f"config file {path}: {e}") from e
 
 
+_RESUME_ALIASES = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
 _SECTIONS = {f.name for f in dataclasses.fields(RunConfig)}
 
 

@@ -84,6 +84,14 @@ class Head(abc.ABC):
         """Apply optimizer step t to the rows used by the last `loss` (after backward)."""
 
     @abc.abstractmethod
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients the last `loss` produced (after backward), e.g. to check they are finite."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop the last `loss` without a step: rows, moments and stamps stay as they were."""
+
+    @abc.abstractmethod
     def state_dict(self) -> dict: ...
 
     @abc.abstractmethod
@@ -149,6 +157,12 @@ class DenseHead(Head, nn.Module):
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def grads(self):
+        return [self.weight.grad] if self.weight.grad is not None else []
+
+    def discard(self):
+        self.opt.zero_grad(set_to_none=True)
+
     def state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module signature
         return {"weight": self.weight.detach().cpu(), "optimizer": self.opt.state_dict()}
 
@@ -201,6 +215,12 @@ class LazyHead(Head):
         self.store.write_rows(block.to("cpu"))  # device → host copy; write-behind on disk stores
         self._block = self._rows = None
 
+    def grads(self):
+        return [self._rows.grad] if self._rows is not None and self._rows.grad is not None else []
+
+    def discard(self):
+        self._block = self._rows = None  # the gathered copies are dropped; the store never saw them change
+
     def state_dict(self):
         return {"store": self.store.state_dict()}  # a disk store: its metadata only (it is its own checkpoint)
 
@@ -245,7 +265,7 @@ def open_train_store(cfg, meta: HeadMeta, *, run_dir: str | Path, rank: int = 0,
     from diet_engine.storage.head import open_or_create_store  # noqa: PLC0415
 
     path = rank_store_path(cfg.head.store_path, run_dir, rank, world)  # distributed: one store per rank
-    return open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume,
+    return open_or_create_store(path, meta, seed=cfg.head.seed, resume=cfg.train.resume == "true",
                                 memory_budget_bytes=cfg.head.memory_budget_mb << 20, owned_rows=owned_rows)
 
 

@@ -48,6 +48,7 @@ ENGINE_ENTRIES = (
 # Options a resume may change freely: none of them changes what the resumed run computes.
 RESUME_FREE = (
     "train.run_dir", "train.resume", "train.allow_changes", "train.max_steps", "train.checkpoint_every",
+    "train.preempt_signal", "train.max_nonfinite_steps",
     "train.keep_checkpoints", "train.log_every", "train.progress", "head.memory_budget_mb",
     "data.eval_train_manifest", "data.eval_test_manifest", "data.prepare_digits", "eval",
 )
@@ -149,6 +150,14 @@ def config_differences(saved: RunConfig, new: RunConfig) -> list[tuple[str, Any,
     a, b = _flat(saved.to_dict()), _flat(new.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not _matches(k, RESUME_FREE)]
+
+
+def resolve_resume(cfg: RunConfig) -> None:
+    """`train.resume=auto` becomes 'true' when the run folder holds a run (its config.json), else
+    'false'. Call before anything is written to the folder, so that every rank decides alike (the
+    ranks write nothing before they have all joined the process group)."""
+    if cfg.train.resume == "auto":
+        cfg.train.resume = "true" if (Path(cfg.train.run_dir) / "config.json").is_file() else "false"
 
 
 def check_resume(path: str | Path, cfg: RunConfig) -> None:

@@ -12,6 +12,7 @@ engine/head.py) plus the kernels and the store they call:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diet_engine.engine.checkpoint import CheckpointManager, export_backbone
+from diet_engine.engine.checkpoint import CheckpointManager, export_backbone, latest_tag
 from diet_engine.engine.config import RunConfig
 from diet_engine.engine.data import build_train_loader, load_manifest, manifest_stats
 from diet_engine.engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed
@@ -30,7 +31,8 @@ from diet_engine.engine.metrics import MetricsLogger
 from diet_engine.engine.model import build_model
 from diet_engine.engine.objectives import build_objective
 from diet_engine.engine.optim import build_optimizer
-from diet_engine.engine.run_dir import check_resume, hold_run_lock, mark_run_dir, release_run_lock
+from diet_engine.engine.stopping import StopRequest, TrainingDivergedError
+from diet_engine.engine.run_dir import check_resume, hold_run_lock, mark_run_dir, release_run_lock, resolve_resume
 from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.kernels import batch_cross_entropy
 
@@ -48,6 +50,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         cfg.validate()
+        resolve_resume(cfg)  # train.resume=auto: 'true' if run_dir holds a run, else 'false'
         self.cfg = cfg
         self.manifest = load_manifest(cfg.data)  # bad data paths fail here, before any process-group start-up
         self.device = resolve_device(cfg.train.device)
@@ -66,7 +69,7 @@ class Trainer:
 
     def _build(self, cfg: RunConfig) -> None:
         """Everything from the config, in order: run folder, data, schedule, model + engine, head, position."""
-        if cfg.train.resume:
+        if cfg.train.resume == "true":
             check_resume(self.run_dir, cfg)  # every rank, before anything is written
         if self.is_main:
             mark_run_dir(self.run_dir, cfg)
@@ -112,9 +115,11 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # batches of `epoch` already consumed
+        self.nonfinite_skipped = 0  # steps not applied because their loss or gradients were not finite
+        self.nonfinite_in_row = 0
         self.checkpoints = CheckpointManager(self.run_dir, self.engine, position=self, head=self.head,
                                              is_main=self.is_main, keep=cfg.train.keep_checkpoints)
-        if cfg.train.resume:
+        if cfg.train.resume == "true":
             self.checkpoints.load()
 
     def build_head(self) -> Head:
@@ -145,65 +150,124 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
+        """Train to `total_steps`, or until the preemption signal: then checkpoint and return
+        with `preempted` naming the signal (the CLI exits with status 75)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.train.progress and self.is_main),
                    desc=f"{cfg.train.method} {cfg.model.backbone}", dynamic_ncols=True)
         seen, window_t = 0, time.perf_counter()
         last_loss = float("nan")
-        while self.step < self.total_steps:
-            if self.head is not None:
-                self.head.start_epoch(self.loader.plan(self.epoch), self.batch_in_epoch)
-            for batch in self.loader.epoch(self.epoch, start_batch=self.batch_in_epoch):
-                loss = self.train_step(batch)
-                self.batch_in_epoch += 1
-                seen += len(batch[1]) * self.world
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    last_loss = float(loss)  # host-device sync
-                    now = time.perf_counter()
-                    ips = seen / max(now - window_t, 1e-9)
-                    seen, window_t = 0, now
-                    row = {"loss": last_loss, "lr": float(self.lrs[self.step - 1]), "img_per_s": ips,
-                           "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch}
-                    if self.head is not None:
-                        row.update({f"head/{k}": v for k, v in self.head.stats().items()})
-                    self.metrics.log(self.step, row)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}")
-                bar.update(1)
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.step >= self.total_steps:
-                    break
-            if self.batch_in_epoch >= self.steps_per_epoch:
-                self.epoch += 1
-                self.batch_in_epoch = 0
-        bar.close()
-        train_time = time.perf_counter() - t0
-        self.save_checkpoint()
-        self.export_backbone()
+        preempted = None
+        with StopRequest(cfg.train.preempt_signal, self.device, self.world) as stop:
+            while self.step < self.total_steps and preempted is None:
+                if self.head is not None:
+                    self.head.start_epoch(self.loader.plan(self.epoch), self.batch_in_epoch)
+                for batch in self.loader.epoch(self.epoch, start_batch=self.batch_in_epoch):
+                    loss = self.train_step(batch)  # None: a non-finite step, skipped
+                    self.batch_in_epoch += 1
+                    seen += len(batch[1]) * self.world
+                    if loss is not None and (self.step % cfg.train.log_every == 0 or self.step == self.total_steps):
+                        last_loss = float(loss)  # host-device sync
+                        now = time.perf_counter()
+                        ips = seen / max(now - window_t, 1e-9)
+                        seen, window_t = 0, now
+                        row = {"loss": last_loss, "lr": float(self.lrs[self.step - 1]), "img_per_s": ips,
+                               "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+                               "nonfinite_skipped": self.nonfinite_skipped}
+                        if self.head is not None:
+                            row.update({f"head/{k}": v for k, v in self.head.stats().items()})
+                        self.metrics.log(self.step, row)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{ips:.0f}")
+                    if loss is not None:
+                        bar.update(1)
+                    if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                        self.save_checkpoint()  # a no-op when this step is saved already
+                    if stop.requested():  # collective on several ranks: every rank stops at the same step
+                        preempted = stop.received
+                        break
+                    if self.step >= self.total_steps:
+                        break
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            bar.close()
+            train_time = time.perf_counter() - t0
+            self.save_checkpoint()  # a second signal meanwhile is reported and ignored (see StopRequest)
+        if preempted is None:
+            self.export_backbone()
         self.metrics.close()
-        return {"steps": self.step, "train_time_s": train_time, "final_loss": last_loss}
+        return {"steps": self.step, "train_time_s": train_time, "final_loss": last_loss, "preempted": preempted,
+                "nonfinite_skipped": self.nonfinite_skipped}
 
-    def train_step(self, batch) -> torch.Tensor:
-        """One optimizer step t = self.step + 1 over the batch."""
+    def train_step(self, batch) -> torch.Tensor | None:
+        """One optimizer step t = self.step + 1 over the batch; None if the step was not applied
+        because its loss or gradients were not finite (backbone, head rows and moments untouched)."""
         t = self.step + 1
         lr = float(self.lrs[t - 1])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         loss = self.forward_backward(batch, t)
+        if loss is None:
+            self._skip_nonfinite(t)
+            return None
         self.engine.step()
         if self.head is not None:
             self.head.step(t)  # lazy step t on the batch's rows + write-behind
         self.step = t
+        self.nonfinite_in_row = 0
         return loss.detach()
 
-    def forward_backward(self, batch, t: int) -> torch.Tensor:
+    def forward_backward(self, batch, t: int) -> torch.Tensor | None:
+        """Loss and gradients of step t; None (nothing applied) when the loss or a gradient is not finite."""
         x, index = batch[0].to(self.device, self.dtype, non_blocking=True), batch[1]
         labels = batch[2] if len(batch) > 2 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
             loss = self.objective.loss(self.engine, x, index.numpy(), labels, t, self.head)
+        guard = self.cfg.train.max_nonfinite_steps >= 0
+        if guard and not self._all_ranks(torch.isfinite(loss.detach())):
+            return None  # before backward: DeepSpeed's gradient buffers are untouched
         self.engine.backward(loss)
+        # ZeRO-0: every gradient is a `.grad` that can be checked and dropped. ZeRO-1/2 reduce them
+        # into the optimizer's own partitions during backward, so there the loss check above is the guard.
+        if guard and self.cfg.train.zero_stage == 0 and not self._all_ranks(self._grads_finite()):
+            self.engine.zero_grad()  # drops every backbone `.grad`: nothing of step t is applied
+            return None
         return loss
+
+    def _grads_finite(self) -> torch.Tensor:
+        """Every gradient this rank holds is finite: the backbone's `.grad` and the head's rows."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if self.head is not None:
+            grads += self.head.grads()
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+    def _all_ranks(self, ok: torch.Tensor) -> bool:
+        """True on every rank iff `ok` is true on every rank: one all-reduce (several ranks) and a
+        host-device sync per call, the price of deciding before the step is applied."""
+        if self.world > 1:
+            flag = ok.to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = flag[0]
+        return bool(ok)  # host-device sync
+
+    def _skip_nonfinite(self, t: int) -> None:
+        if self.head is not None:
+            self.head.discard()  # the rows gathered for step t go back unwritten
+        self.nonfinite_skipped += 1
+        self.nonfinite_in_row += 1
+        if self.is_main:
+            print(f"diet train: step {t}: loss or gradients not finite; step skipped "
+                  f"({self.nonfinite_in_row} in a row, {self.nonfinite_skipped} in all)", file=sys.stderr, flush=True)
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_row > limit:
+            last = latest_tag(self.run_dir)
+            raise TrainingDivergedError(
+                f"{self.nonfinite_in_row} steps in a row (from step {t}) had a non-finite loss or gradients "
+                f"(train.max_nonfinite_steps={limit}); nothing of them was applied, and the last checkpoint "
+                f"({last or 'none'}) is intact: lower optim.lr, check the data, then continue with --resume")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -248,4 +312,4 @@ def _allow_fp64_gradient_reduction() -> None:
         acc.supported_dtypes = lambda: [*base(), torch.float64]
 
 
-__all__ = ["Trainer", "resolve_device"]
+__all__ = ["Trainer", "TrainingDivergedError", "resolve_device"]

@@ -234,10 +234,55 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(shlex.join(cmd))
             return 0
-        try:
-            return subprocess.run(cmd, env=env, check=False).returncode
-        except KeyboardInterrupt:  # the launcher forwards the signal to its ranks
-            return 130
+        return _run_forwarding_signals(cmd, env)
+
+
+_FORWARDED = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # the signals train.preempt_signal may name
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the per-node launcher in its own session and pass a preemption signal to the rank
+    processes only (never to DeepSpeed's launcher, which would end its ranks itself, or die of
+    SIGUSR1): the ranks checkpoint and exit with status 75, which the launcher returns as its own.
+    Ctrl-C goes to the whole session, as before."""
+    import signal  # noqa: PLC0415
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame):  # noqa: ARG001
+        ranks = _rank_processes(proc.pid)
+        if not ranks:  # not started yet: nothing to checkpoint, end the session
+            os.killpg(proc.pid, signal.SIGTERM)
+        for r in ranks:
+            r.send_signal(signum)
+
+    old = {name: signal.signal(getattr(signal, name), forward) for name in _FORWARDED}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait()
+        return 130
+    finally:
+        for name, handler in old.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _rank_processes(pid: int) -> list:
+    """The rank processes (`--rank-entry`) below process `pid`."""
+    import psutil  # noqa: PLC0415
+
+    out = []
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if "--rank-entry" in child.cmdline():
+                    out.append(child)
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return out
 
 
 # ---------------------------------------------------------------------- rank entry

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from diet_engine.engine.config import ConfigError, RunConfig
-from diet_engine.engine.run_dir import clear_run_dir, hold_run_lock
+from diet_engine.engine.stopping import PREEMPTED_EXIT_STATUS
+from diet_engine.engine.run_dir import clear_run_dir, hold_run_lock, resolve_resume
 from diet_engine.launch.presets import PRESETS
 
 
@@ -24,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="JSON/YAML config file (applied over the preset)")
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="base preset (default: digits)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder "
+                   "(--train.resume=auto: continue if there is a run there, else start one)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
     p.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     p.set_defaults(func=run)
@@ -40,10 +42,11 @@ def build_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
         key, value = item[2:].split("=", 1)
         cfg.set(key, value)
     if args.resume:
-        cfg.train.resume = True
+        cfg.train.resume = "true"
     if cfg.train.run_dir == "runs/default":
         cfg.train.run_dir = f"runs/{cfg.train.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.validate()
+    resolve_resume(cfg)  # before anything is written: every rank's CLI sees the same folder
     return cfg
 
 
@@ -53,15 +56,20 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0  # (set by the launchers; the process group starts later)
     if main_rank and run_dir.is_dir():
         hold_run_lock(run_dir)  # refuses a folder another trainer is using, before it is cleared or resumed
-    if run_dir.exists() and not cfg.train.resume and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and cfg.train.resume != "true" and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not args.overwrite:
             raise ConfigError(f"run folder {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-    if main_rank and args.overwrite and not cfg.train.resume and run_dir.exists():
+    if main_rank and args.overwrite and cfg.train.resume != "true" and run_dir.exists():
         kept = clear_run_dir(run_dir)  # refuses unsafe folders; deletes only what the engine wrote
         if kept:
             print(f"diet train: --overwrite kept {len(kept)} entries the engine did not write in {run_dir}: "
                   f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", file=sys.stderr)
     result = train_and_evaluate(cfg, evaluate=not args.no_eval)
+    if result.get("preempted"):
+        print(f"diet train: stopped by {result['preempted']} at step {result['steps']}; checkpoint written in "
+              f"{run_dir}/checkpoints. Continue with --train.resume=auto (or --resume); exit status "
+              f"{PREEMPTED_EXIT_STATUS}", file=sys.stderr)
+        return PREEMPTED_EXIT_STATUS
     if result.get("table"):
         print(result["table"])
     return 0
@@ -82,7 +90,7 @@ def train_and_evaluate(cfg: RunConfig, evaluate: bool = True) -> dict:
     finally:
         trainer.close()
     result["run_dir"] = str(trainer.run_dir)
-    if not (evaluate and cfg.eval.enabled and cfg.data.eval_test_manifest and trainer.is_main):
+    if result.get("preempted") or not (evaluate and cfg.eval.enabled and cfg.data.eval_test_manifest and trainer.is_main):
         return result
     te = time.perf_counter()
     train_m = load_manifest(cfg.data, "eval_train_manifest" if cfg.data.eval_train_manifest else "manifest")
