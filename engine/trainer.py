@@ -9,7 +9,6 @@ One DIET step at optimizer step t (1-based):
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from diet_engine.engine import checkpoint as ckpt
 from diet_engine.engine.config import RunConfig
-from diet_engine.engine.data import build_train_loader, load_manifest, manifest_stats
+from diet_engine.engine.data import build_train_loader, load_manifest
 from diet_engine.engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed, rank_store_path
 from diet_engine.engine.global_ce import batch_ce_scope
 from diet_engine.engine.head import DenseHead, Head, LazyHead, make_head_optimizer_meta
@@ -258,8 +257,4 @@ def _allow_fp64_gradient_reduction() -> None:
         acc.supported_dtypes = lambda: [*base(), torch.float64]
 
 
-def steps_for(num_samples: int, batch_size: int, epochs: int) -> int:
-    return epochs * math.ceil(num_samples / batch_size)
-
-
-__all__ = ["Trainer", "resolve_device", "steps_for", "np"]
+__all__ = ["Trainer", "resolve_device"]
