@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository (a source checkout)
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "_work"  # git-ignored scratch space
@@ -34,7 +36,8 @@ GB = 1e9
 
 
 def machine_stamp(device: str | None = None) -> dict[str, Any]:
-    """Hardware, library versions and time of a measurement (cheap; imports torch)."""
+    """Hardware, library versions and time of a measurement (imports torch; stamps the optional
+    libraries that are installed)."""
     import psutil  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -159,6 +162,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- measuring
+
+
 def disk_stamp(path: str | Path) -> dict[str, Any]:
     """Mount, file system, block device, rotational flag, size and free space of `path`'s disk."""
     path = os.path.abspath(path)
@@ -210,8 +215,6 @@ def raw_sequential_bandwidth(folder: Path, gib: float = 4.0, block_mib: int = 16
     """dd-like: write `gib` GiB sequentially + fdatasync, evict it from the page cache, read it back.
 
     Returns write and read bandwidth in bytes/s (buffered I/O, like the store's)."""
-    import numpy as np  # noqa: PLC0415
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "raw_bandwidth.bin"
     block = np.random.default_rng(0).integers(0, 255, block_mib << 20, dtype=np.uint8).tobytes()
