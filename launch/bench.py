@@ -50,21 +50,25 @@ _PAPER_CHECKS = ("grad-cosine", "toy", "label-smoothing")
 
 
 def _module(name: str):
-    """Import a module of the `benchmarks` package.
+    """Import a module of the `benchmarks` package (a folder of the source checkout, not installed).
 
-    From the repository root (`python -m ...`) the package is on sys.path. The `diet` script of an
-    editable install does not have the repository on sys.path: there the package is loaded from the
-    checkout this file belongs to, under its own name only (putting the repository root on sys.path
-    would also make its `engine`, `kernels`, ... folders importable as top-level packages)."""
-    if "benchmarks" not in sys.modules and importlib.util.find_spec("benchmarks") is None:
+    An editable install (the `diet` script has no checkout on sys.path) loads the package from the
+    checkout this file belongs to, under the name `benchmarks` only: putting the checkout's root on
+    sys.path would also make its `engine`, `kernels`, ... folders importable as top-level packages.
+    Otherwise (an installed wheel) `benchmarks` comes from sys.path: the repository root under
+    `python -m`, or PYTHONPATH."""
+    if "benchmarks" not in sys.modules:
         init = Path(__file__).resolve().parent.parent / "benchmarks" / "__init__.py"
-        if not init.is_file():
-            raise FileNotFoundError(f"diet bench needs the repository's benchmarks/ folder (looked for {init}); "
-                                    "run from a source checkout")
-        spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(init.parent)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = package
-        spec.loader.exec_module(package)
+        if init.is_file():
+            spec = importlib.util.spec_from_file_location("benchmarks", init,
+                                                          submodule_search_locations=[str(init.parent)])
+            package = importlib.util.module_from_spec(spec)
+            sys.modules["benchmarks"] = package
+            spec.loader.exec_module(package)
+        elif importlib.util.find_spec("benchmarks") is None:
+            raise FileNotFoundError("diet bench runs the programs in a source checkout's benchmarks/ folder: none "
+                                    f"next to {init.parent.parent} and none on sys.path; run "
+                                    "`python -m diet_engine.launch.cli bench ...` from the checkout's root")
     return importlib.import_module(name)
 
 
