@@ -50,16 +50,16 @@ def run(a: argparse.Namespace) -> int:
     runs: dict[str, list[dict]] = {"memory": [], "disk": []}
     for _ in range(a.rounds):
         for store in ("memory", "disk"):
-            run = work / f"train_head_store-{store}"
-            shutil.rmtree(run, ignore_errors=True)
-            r = train(run, [*common, f"--head.store={store}"])
+            run_dir = work / f"train_head_store-{store}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            r = train(run_dir, [*common, f"--head.store={store}"])
             w = window_img_per_s(r["rows"])
             last = r["rows"][-1]
             runs[store].append({"img_per_s": median(w), "windows": [round(x, 1) for x in w], "wall_s": r["wall_s"],
                                 "peak_rss_GB": r["peak_rss_tree_GB"],
                                 "read_stall_s": last.get("head/read_stall_s", 0.0),
                                 "write_stall_s": last.get("head/write_stall_s", 0.0)})
-            shutil.rmtree(run, ignore_errors=True)  # the disk case's store: N·d·3·4 bytes
+            shutil.rmtree(run_dir, ignore_errors=True)  # the disk case's store: N·d·3·4 bytes
     rows = []
     for store, rs in runs.items():
         rs = sorted(rs, key=lambda x: x["img_per_s"])

@@ -71,8 +71,8 @@ def run(a: argparse.Namespace) -> int:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    run = work / "train_scale-run"
-    shutil.rmtree(run, ignore_errors=True)
+    run_dir = work / "train_scale-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
     need = _store_bytes(a.num_samples, a.dim)
     free = shutil.disk_usage(work).free
     data = work / f"synth-{a.num_samples}-{a.image_size}px"
@@ -90,13 +90,13 @@ def run(a: argparse.Namespace) -> int:
             f"--train.log_every={a.log_every}", f"--train.checkpoint_every={a.checkpoint_every}",
             "--head.loss=batch", "--head.store=disk"]
     load0 = os.getloadavg()[0]
-    first = train(run, args, kill_at_step=kill_at)
+    first = train(run_dir, args, kill_at_step=kill_at)
     if not first["killed"]:
         raise RuntimeError(f"the run ended before step {kill_at} was logged: no kill landed")
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    second = train(run, [*args, "--train.resume=true"])
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    second = train(run_dir, [*args, "--train.resume=true"])
     resume_startup_s = startup_s(second, a.log_every, a.batch_size)  # head recovery included
-    store_path = run / "head.zarr"
+    store_path = run_dir / "head.zarr"
     store_GB = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()) / GB if store_path.exists() else None
     create_s = startup_s(first, a.log_every, a.batch_size)  # creating the store: N × d weights written
     rows = [_summary("train (SIGKILLed)", first, a.batch_size), _summary("resume", second, a.batch_size)]
@@ -132,7 +132,7 @@ def run(a: argparse.Namespace) -> int:
                         body, machine_stamp(), config, rows, out_dir=out)
     print(path.read_text())
     if not a.keep:
-        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if peak <= 6 and ok_resume else 1
 
 
