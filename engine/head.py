@@ -40,7 +40,8 @@ BatchCE = Callable[..., torch.Tensor]
 _EXPORT_BLOCK = 65536  # rows materialised at a time by `export`
 
 
-def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (), extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (),
+                   extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unique rows of a batch (plus up to `extra` rows of upcoming batches) and each sample's target.
 
     Returns (rows (M,) sorted unique int64, target (B,) int64 positions of each sample's row).
@@ -149,10 +150,10 @@ class DenseHead(Head, nn.Module):
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module signature
+    def state_dict(self, *args, **kwargs):  # nn.Module's signature
         return {"weight": self.weight.detach().cpu(), "optimizer": self.opt.state_dict()}
 
-    def load_state_dict(self, state, strict=True):  # noqa: D102
+    def load_state_dict(self, state, strict=True):
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         self.opt.load_state_dict(state["optimizer"])

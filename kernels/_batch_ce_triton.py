@@ -210,7 +210,7 @@ def batch_ce_loss(
         UPCAST=_INTERPRET and z.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(z.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    m, l, s_sum, s_tgt = part.unbind(0)  # (S, B) each
+    m, l, s_sum, s_tgt = part.unbind(0)  # noqa: E741 - m, l: the online softmax's max and sum; (S, B) each
     m_max = m.amax(0)  # (B,)
     lse = m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
     eps = label_smoothing

@@ -75,14 +75,14 @@ def _import_libraries() -> None:
     import deepspeed  # noqa: F401, PLC0415
     import torch  # noqa: F401, PLC0415
     import torchvision  # noqa: F401, PLC0415
-
-    import diet_engine.engine.trainer  # noqa: F401, PLC0415
-    import diet_engine.storage.head  # noqa: F401, PLC0415  (the disk store)
-    import diet_engine.storage.shards  # noqa: F401, PLC0415
     import zarr  # noqa: F401, PLC0415  (imported by the disk store when it creates a store)
 
+    import diet_engine.engine.trainer  # noqa: PLC0415
+    import diet_engine.storage.head  # noqa: PLC0415  (the disk store)
+    import diet_engine.storage.shards  # noqa: F401, PLC0415
 
-def _touched_rows(cfg, steps: int) -> "object":
+
+def _touched_rows(cfg, steps: int) -> object:
     """Rows the first `steps` batches (+ the head's lookahead) use: the chunks a partial store needs."""
     import numpy as np  # noqa: PLC0415
 

@@ -88,7 +88,7 @@ class _Contiguous:
         self.work = tuple(None if x is None else x.contiguous() for x in tensors)
 
     def finish(self):
-        for o, w in zip(self.orig, self.work):
+        for o, w in zip(self.orig, self.work, strict=True):
             if o is not None and o.data_ptr() != w.data_ptr():
                 o.copy_(w)
 

@@ -18,24 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-
-from diet_engine.storage.head import (  # noqa: E402
-    FileIO,
-    HeadMeta,
-    HeadStore,
-    Lookahead,
-    MemoryHeadStore,
-    RowBlock,
-    ZarrHeadStore,
-)
+from diet_engine.storage.head import FileIO, HeadMeta, HeadStore, Lookahead, MemoryHeadStore, RowBlock, ZarrHeadStore
 
 N, D, R, B = 2000, 32, 128, 96
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.05

@@ -80,7 +80,7 @@ def test_label_smoothing_out_of_range():
     elt=st.sampled_from([2, 4]),
 )
 def test_logits_chunk_is_bounded_by_the_inputs(B, M, d, elt):
-    from diet_engine.kernels._batch_ce_triton import _MIN_WORKSPACE_BYTES, _chunk_rows  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import _MIN_WORKSPACE_BYTES, _chunk_rows
 
     rows = _chunk_rows(B, M, d, elt)
     assert 1 <= rows <= B

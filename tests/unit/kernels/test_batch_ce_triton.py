@@ -52,7 +52,7 @@ def test_cases_under_triton_interpreter():
 
 
 def _fused():
-    from diet_engine.kernels._batch_ce_triton import batch_cross_entropy_fused  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import batch_cross_entropy_fused
 
     return batch_cross_entropy_fused
 
@@ -116,7 +116,7 @@ def test_small_shapes_meet_the_bar(shape, eps, dtype):
 
 def _small_workspace(monkeypatch):
     """Shrink the logits chunk so the gradients accumulate over several chunks."""
-    import diet_engine.kernels._batch_ce_triton as backend  # noqa: PLC0415
+    import diet_engine.kernels._batch_ce_triton as backend
 
     monkeypatch.setattr(backend, "_MIN_WORKSPACE_BYTES", 0)
     monkeypatch.setattr(backend, "_WORKSPACE_DIVISOR", 32)
@@ -159,7 +159,7 @@ def test_extreme_logits_stay_finite(dtype):
 
 @case
 def test_chunking_does_not_change_the_result():
-    from diet_engine.kernels._batch_ce_triton import batch_ce_loss_and_grads  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import batch_ce_loss_and_grads
 
     z, rows, t = _make(37, 50, 19, torch.float32)
     whole = batch_ce_loss_and_grads(z, rows, t, 0.8, 2.0, True, True, chunk_rows=37)
@@ -207,7 +207,7 @@ def test_inputs_that_are_views_or_int32_targets():
 
 @case
 def test_custom_op_registration():
-    from diet_engine.kernels._batch_ce_triton import _batch_ce_op  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import _batch_ce_op
 
     z, rows, t = _make(7, 5, 9, torch.float32)
     for need in [(True, True), (True, False), (False, False)]:
@@ -258,11 +258,11 @@ def test_large_shapes_on_gpu(shape, dtype, chunked, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_gpus_without_one(dtype):
     """Ahead-of-time compile to sm_90 / sm_80 cubins: catches GPU-only compile errors on CPU."""
-    import triton  # noqa: PLC0415
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource  # noqa: PLC0415
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    import diet_engine.kernels._batch_ce_triton as backend  # noqa: PLC0415
+    import diet_engine.kernels._batch_ce_triton as backend
 
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 6, 7, 8)}  # d % 16 == 0
     fwd = ASTSource(

@@ -172,7 +172,7 @@ def test_numba_equals_reference_adamw(dtype, betas):
         opt.materialize(*rows, s, 2900)
         out[backend] = rows
     tol = 1e-13 if dtype == torch.float64 else 2e-6
-    for got, want in zip(out["numba"], out["reference"]):
+    for got, want in zip(out["numba"], out["reference"], strict=True):
         assert float((got - want).abs().max() / want.abs().max()) <= tol
 
 
@@ -190,7 +190,7 @@ def test_numba_equals_reference_sgd(dtype, momentum):
         opt.materialize(rows[0], rows[1], None, s, 2999)
         out[backend] = [x for x in rows if x is not None]
     tol = 1e-13 if dtype == torch.float64 else 1e-6
-    for got, want in zip(out["numba"], out["reference"]):
+    for got, want in zip(out["numba"], out["reference"], strict=True):
         assert float((got - want).abs().max() / want.abs().max()) <= tol
 
 

@@ -70,7 +70,7 @@ def _state(d, dtype, seed=0):
 
 
 def _compare(got, want, dtype):
-    for g_, w_ in zip(got, want):
+    for g_, w_ in zip(got, want, strict=True):
         err = float((g_.cpu().double() - w_.double()).abs().max() / w_.double().abs().max())
         assert err <= TOL[dtype], err
 

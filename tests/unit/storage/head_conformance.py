@@ -138,7 +138,8 @@ class HeadStoreConformance:
 
     @pytest.mark.parametrize(
         "bad",
-        [np.array([3, 1]), np.array([1, 1, 2]), np.array([-1, 2]), np.array([0, N]), np.zeros((2, 2), np.int64), np.array([0.5])],
+        [np.array([3, 1]), np.array([1, 1, 2]), np.array([-1, 2]), np.array([0, N]), np.zeros((2, 2), np.int64),
+         np.array([0.5])],
         ids=["unsorted", "duplicate", "negative", "past-end", "2-d", "float"],
     )
     def test_index_contract(self, make_store, bad):
