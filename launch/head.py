@@ -174,7 +174,7 @@ def _materialised(sources: list, idx: np.ndarray, T: int) -> torch.Tensor:
     for head in sources:
         b = head.store.read_rows(idx)
         stamps = b.step.clone()
-        head.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
+        head.opt.materialize(b.rows, T)
         if best is None:
             best, best_step = b.weight.float(), stamps
         else:
