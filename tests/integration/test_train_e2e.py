@@ -147,9 +147,9 @@ def _record_head_steps(trainer, monkeypatch) -> list[list]:
         log.append([head_mod.candidate_rows(index, upcoming, self.extra)[0], None])
         return loss(self, z, index, t, upcoming)
 
-    def logged_step(w, m, v, s, grad, t):
+    def logged_step(rows, grad, t):
         log[-1][1] = grad.detach().clone()
-        return opt_step(w, m, v, s, grad, t)
+        return opt_step(rows, grad, t)
 
     monkeypatch.setattr(head_mod.LazyHead, "loss", logged_loss)
     monkeypatch.setattr(trainer.head.opt, "step", logged_step)
