@@ -88,7 +88,7 @@ def stage_lazy(a, budget: float) -> dict:
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from diet_engine.kernels.lazy_optim import LazyAdamW  # noqa: PLC0415
+    from diet_engine.kernels.lazy_optim import LazyAdamW, Rows  # noqa: PLC0415
 
     dev = torch.device("cpu" if a.dry_run else "cuda")
     N, B, d = (2_000, 16, 32) if a.dry_run else (1_281_167, 256, 2048)
@@ -105,13 +105,13 @@ def stage_lazy(a, budget: float) -> dict:
     rng = np.random.default_rng(0)
     stamps = torch.from_numpy(t - (rng.integers(0, epoch, B) + rng.integers(0, epoch, B)).clip(1)).to(dev)
     opt = LazyAdamW(lrs, weight_decay=0.05, backend=backend)
-    opt.catch_up(w0.clone(), m0.clone(), v0.clone(), stamps.clone(), t)  # fills the per-stamp cache (steady)
+    opt.catch_up(Rows(w0.clone(), m0.clone(), v0.clone(), stamps.clone()), t)  # fills the per-stamp cache (steady)
     bufs = [w0.clone(), m0.clone(), v0.clone(), stamps.clone()]
 
     def lazy():
         w, m, v, s = bufs[0].copy_(w0), bufs[1].copy_(m0), bufs[2].copy_(v0), bufs[3].copy_(stamps)
-        opt.catch_up(w, m, v, s, t)
-        opt.step(w, m, v, s, grad, t)
+        opt.catch_up(Rows(w, m, v, s), t)
+        opt.step(Rows(w, m, v, s), grad, t)
 
     def dense_step(n_rows: int):
         p = torch.nn.Parameter(torch.zeros(n_rows, d, device=dev))

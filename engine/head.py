@@ -189,7 +189,7 @@ class LazyHead(Head):
     def loss(self, z, index, t):
         rows, target = candidate_rows(index, self._upcoming(), self.extra)
         block = self.store.read_rows(rows).to(self.device, non_blocking=True)  # host → device copy
-        self.opt.catch_up(block.weight, block.exp_avg, block.exp_avg_sq, block.step, t)  # rows now at t-1
+        self.opt.catch_up(block.rows, t)  # rows now at t-1
         self._block = block
         self._rows = block.weight.detach().requires_grad_(True)  # (M, d)
         return self.ce(z, self._rows, torch.as_tensor(target, device=z.device), self.label_smoothing, self.logit_scale)
@@ -198,7 +198,7 @@ class LazyHead(Head):
         block, rows = self._block, self._rows
         assert block is not None and rows is not None, "step() without loss()"
         grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)  # (M, d)
-        self.opt.step(block.weight, block.exp_avg, block.exp_avg_sq, block.step, grad, t)
+        self.opt.step(block.rows, grad, t)
         self.store.write_rows(block.to("cpu"))  # device → host copy; write-behind on disk stores
         self._block = self._rows = None
 
@@ -217,7 +217,7 @@ class LazyHead(Head):
     def rows_at(self, index, T):
         b = self.store.read_rows(index)
         stamps = b.step.clone()
-        self.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
+        self.opt.materialize(b.rows, T)
         return b.weight, stamps
 
     def stats(self):

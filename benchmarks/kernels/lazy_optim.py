@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.common import RESULTS, load_average, machine_stamp, markdown_table, write_csv, write_report
 from diet_engine.engine.schedule import warmup_cosine
-from diet_engine.kernels.lazy_optim import LazyAdamW, _numba
+from diet_engine.kernels.lazy_optim import LazyAdamW, Rows, _numba
 
 N_ROWS, BATCH, D = 1_281_167, 256, 2048
 EPOCH = -(-N_ROWS // BATCH)  # 5,005 steps
@@ -74,14 +74,14 @@ def speed(backend: str, dev: torch.device, T: int, reps: int, warm: int) -> dict
     stamps = [torch.from_numpy(t - gaps(rng, BATCH)).to(dev) for t in steps]
     steady = LazyAdamW(lrs, weight_decay=WD, backend=backend)
     for t, s in zip(steps, stamps, strict=True):  # every stamp of these steps seen once before, as in a run
-        steady.catch_up(w0.clone(), m0.clone(), v0.clone(), s.clone(), t)
+        steady.catch_up(Rows(w0.clone(), m0.clone(), v0.clone(), s.clone()), t)
 
     def lazy(opt, t, s):
         w, m, v, st = w0.clone(), m0.clone(), v0.clone(), s.clone()
         _sync(dev)
         t0 = time.perf_counter()
-        opt.catch_up(w, m, v, st, t)
-        opt.step(w, m, v, st, grad, t)
+        opt.catch_up(Rows(w, m, v, st), t)
+        opt.step(Rows(w, m, v, st), grad, t)
         _sync(dev)
         return time.perf_counter() - t0
 
@@ -128,7 +128,7 @@ def paper_drift(rows: int = 64, d: int = 64, epochs: int = 2, seed: int = 0):
                 err_move = max(err_move, float(diff / moved))
                 grad[idx] = torch.randn(len(hit), d, generator=g, dtype=torch.float64) * 1e-3
                 rw, rm, rv, rs = pw[idx], pm[idx], pv[idx], pst[idx]
-                paper.step(rw, rm, rv, rs, grad[idx], t)
+                paper.step(Rows(rw, rm, rv, rs), grad[idx], t)
                 pw[idx], pm[idx], pv[idx], pst[idx] = rw, rm, rv, rs
             dense.param_groups[0]["lr"] = float(lrs[t - 1])
             p.grad = grad

@@ -58,7 +58,7 @@ class _Update:
     def __call__(self, b: RowBlock, t: int, seed: int) -> None:
         g = torch.randn(b.weight.shape, generator=torch.Generator().manual_seed(seed * 100_003 + t))
         if self.lazy is not None:
-            self.lazy.step(b.weight, b.exp_avg, b.exp_avg_sq, b.step, g, t)
+            self.lazy.step(b.rows, g, t)
             return
         b.weight.mul_(1 - LR * WD)
         b.exp_avg.mul_(BETAS[0]).add_(g, alpha=1 - BETAS[0])

@@ -141,9 +141,9 @@ def _record_head_steps(trainer, monkeypatch) -> list[list]:
     log: list[list] = []
     opt_step, write_rows = trainer.head.opt.step, trainer.head.store.write_rows
 
-    def logged_step(w, m, v, s, grad, t):
+    def logged_step(rows, grad, t):
         log.append([None, grad.detach().clone()])
-        return opt_step(w, m, v, s, grad, t)
+        return opt_step(rows, grad, t)
 
     def logged_write(block):
         log[-1][0] = block.index.copy()  # the step's rows, written right after its optimizer step

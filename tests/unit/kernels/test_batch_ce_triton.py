@@ -187,12 +187,28 @@ def test_upstream_gradient_and_partial_requires_grad():
 def test_second_backward_is_refused():
     z, rows, t = _make(4, 6, 8, torch.float32)
     z.requires_grad_()
-    loss = _fused()(z, rows, t)
+    loss = _fused()(z, rows, t, 0.8)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(_fused()(z, rows, t), z, create_graph=True)
+        torch.autograd.grad(_fused()(z, rows, t, 0.8), z, create_graph=True)
+
+
+@case
+def test_backend_argument_picks_triton(monkeypatch):
+    monkeypatch.setenv("DIET_BATCH_CE", "reference")  # overrides "auto" only
+    z, rows, t = _make(5, 9, 8, torch.float32)
+    z.requires_grad_()
+    got = batch_cross_entropy(z, rows, t, 0.8, 2.0, backend="triton")
+    torch.testing.assert_close(got, _fused()(z, rows, t, 0.8, 2.0), rtol=0, atol=0)
+    got.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):  # the fused op's autograd ran
+        got.backward()
+    ref = batch_cross_entropy(z, rows, t, 0.8, 2.0)  # "auto": the variable picks the reference
+    ref.backward(retain_graph=True)
+    ref.backward()  # the reference's autograd allows it
+    torch.testing.assert_close(_fused()(z, rows, t), batch_cross_entropy_reference(z, rows, t, 0.0))
 
 
 @case
