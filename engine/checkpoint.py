@@ -157,7 +157,8 @@ def _discard_unfinished(root: Path, tag: str | None) -> None:
     if not root.is_dir():
         return
     for p in root.iterdir():
-        if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("step_") and (tag is None or p.name > tag))):
+        newer = p.name.startswith("step_") and (tag is None or p.name > tag)
+        if p.is_dir() and (p.name.startswith(".tmp-") or newer):
             shutil.rmtree(p)
 
 

@@ -42,7 +42,8 @@ def _norm_for(channels: int, mean: list[float], std: list[float]) -> tuple[list[
 def train_transform(cfg, manifest: Manifest):
     mean, std = _norm_for(cfg.data.channels, *manifest_stats(manifest))
     transform = make_train_transform(cfg.data.image_size, cfg.data.strength, mean, std,
-                                     crop_scale=(cfg.data.crop_scale_min, 1.0), flip=cfg.data.flip, erasing=cfg.data.erasing,
+                                     crop_scale=(cfg.data.crop_scale_min, 1.0), flip=cfg.data.flip,
+                                     erasing=cfg.data.erasing,
                                      channels=cfg.data.channels)
     if cfg.train.method == "simclr":  # SimCLR baseline: two augmented views → (2, C, H, W) per sample
         transform = TwoViews(transform)

@@ -40,7 +40,8 @@ BatchCE = Callable[..., torch.Tensor]
 _EXPORT_BLOCK = 65536  # rows materialised at a time by `export`
 
 
-def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (), extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def candidate_rows(index: np.ndarray, upcoming: Sequence[np.ndarray] = (),
+                   extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Unique rows of a batch (plus up to `extra` rows of upcoming batches) and each sample's target.
 
     Returns (rows (M,) sorted unique int64, target (B,) int64 positions of each sample's row).
@@ -163,10 +164,10 @@ class DenseHead(Head, nn.Module):
     def discard(self):
         self.opt.zero_grad(set_to_none=True)
 
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - nn.Module signature
+    def state_dict(self, *args, **kwargs):  # nn.Module's signature
         return {"weight": self.weight.detach().cpu(), "optimizer": self.opt.state_dict()}
 
-    def load_state_dict(self, state, strict=True):  # noqa: D102
+    def load_state_dict(self, state, strict=True):
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         self.opt.load_state_dict(state["optimizer"])
@@ -202,7 +203,7 @@ class LazyHead(Head):
     def loss(self, z, index, t):
         rows, target = candidate_rows(index, self._upcoming(), self.extra)
         block = self.store.read_rows(rows).to(self.device, non_blocking=True)  # host → device copy
-        self.opt.catch_up(block.weight, block.exp_avg, block.exp_avg_sq, block.step, t)  # rows now at t-1
+        self.opt.catch_up(block.rows, t)  # rows now at t-1
         self._block = block
         self._rows = block.weight.detach().requires_grad_(True)  # (M, d)
         return self.ce(z, self._rows, torch.as_tensor(target, device=z.device), self.label_smoothing, self.logit_scale)
@@ -211,7 +212,7 @@ class LazyHead(Head):
         block, rows = self._block, self._rows
         assert block is not None and rows is not None, "step() without loss()"
         grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)  # (M, d)
-        self.opt.step(block.weight, block.exp_avg, block.exp_avg_sq, block.step, grad, t)
+        self.opt.step(block.rows, grad, t)
         self.store.write_rows(block.to("cpu"))  # device → host copy; write-behind on disk stores
         self._block = self._rows = None
 
@@ -236,7 +237,7 @@ class LazyHead(Head):
     def rows_at(self, index, T):
         b = self.store.read_rows(index)
         stamps = b.step.clone()
-        self.opt.materialize(b.weight, b.exp_avg, b.exp_avg_sq, b.step, T)
+        self.opt.materialize(b.rows, T)
         return b.weight, stamps
 
     def stats(self):

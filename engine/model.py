@@ -25,7 +25,8 @@ def build_backbone(name: str, *, small_stem: bool = False, in_channels: int = 3)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         close = [m for m in available if name.split("_")[0] in m][:8]
-        raise ValueError(f"unknown backbone {name!r}; torchvision classification models include {close or available[:10]}")
+        raise ValueError(f"unknown backbone {name!r}; torchvision classification models include "
+                         f"{close or available[:10]}")
     net = torchvision.models.get_model(name, weights=None)
     linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -47,7 +48,7 @@ def _small_stem(net: nn.Module, name: str) -> None:
         net.maxpool = nn.Identity()
         return
     # Generic: make the first strided conv stride 1 (keeps parameter shapes; fewer downsamplings).
-    for mod_name, m in net.named_modules():
+    for m in net.modules():
         if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
             m.stride = (1, 1)
             return

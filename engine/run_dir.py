@@ -88,7 +88,8 @@ def clear_run_dir(path: str | Path) -> list[str]:
     path = Path(path)
     reason = _unsafe_reason(path)
     if reason:
-        raise ConfigError(f"refusing to overwrite run folder {str(path)!r}: {reason}; set --train.run_dir to a folder of its own")
+        raise ConfigError(f"refusing to overwrite run folder {str(path)!r}: {reason}; "
+                          "set --train.run_dir to a folder of its own")
     if not path.exists():
         return []
     if not path.is_dir():

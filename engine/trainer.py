@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from diet_engine.engine.checkpoint import CheckpointManager, export_backbone, latest_tag
 from diet_engine.engine.config import RunConfig
-from diet_engine.engine.data import build_train_loader, load_manifest, manifest_stats
+from diet_engine.engine.data import build_train_loader, load_manifest
 from diet_engine.engine.distributed import barrier, build_engine, host_sync_batchnorm, init_distributed
 from diet_engine.engine.global_ce import GlobalBatchCE
 from diet_engine.engine.head import Head, build_head, head_meta, open_train_store
@@ -31,9 +31,9 @@ from diet_engine.engine.metrics import MetricsLogger
 from diet_engine.engine.model import build_model
 from diet_engine.engine.objectives import build_objective
 from diet_engine.engine.optim import build_optimizer
-from diet_engine.engine.stopping import StopRequest, TrainingDivergedError
 from diet_engine.engine.run_dir import check_resume, hold_run_lock, mark_run_dir, release_run_lock, resolve_resume
 from diet_engine.engine.schedule import warmup_cosine
+from diet_engine.engine.stopping import StopRequest, TrainingDivergedError
 from diet_engine.kernels import batch_cross_entropy
 
 
@@ -146,7 +146,8 @@ class Trainer:
         if int(state["world_size"]) != self.world:
             raise ValueError(f"the checkpoint was written by {state['world_size']} ranks; "
                              f"resume with the same world size (got {self.world})")
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:

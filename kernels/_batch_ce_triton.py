@@ -210,7 +210,7 @@ def batch_ce_loss(
         UPCAST=_INTERPRET and z.dtype == torch.bfloat16, DOT_PRECISION=_dot_precision(z.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    m, l, s_sum, s_tgt = part.unbind(0)  # (S, B) each
+    m, l, s_sum, s_tgt = part.unbind(0)  # noqa: E741 - m, l: the online softmax's max and sum; (S, B) each
     m_max = m.amax(0)  # (B,)
     lse = m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
     eps = label_smoothing
@@ -318,7 +318,7 @@ def _backward(ctx, g_loss, _g_dz, _g_drows):
             raise RuntimeError(
                 "batch_cross_entropy: backward can run once per forward (its gradients were "
                 "computed in the forward pass and are scaled in place); recompute the loss "
-                "instead of retain_graph=True, or set DIET_BATCH_CE=reference."
+                "instead of retain_graph=True, or pass backend='reference'."
             )
         if torch.is_grad_enabled():
             raise RuntimeError(
@@ -342,7 +342,7 @@ def batch_cross_entropy_fused(
     z: torch.Tensor,  # (B, d)
     rows: torch.Tensor,  # (M, d)
     target: torch.Tensor,  # (B,) int
-    label_smoothing: float = 0.8,
+    label_smoothing: float = 0.0,
     scale: float = 1.0,
 ) -> torch.Tensor:
     """The Triton path (CUDA, or CPU tensors under TRITON_INTERPRET=1). Mean loss, fp32, 0-d."""

@@ -32,7 +32,7 @@ class Compiled:
 
 
 def _ptxas() -> str:
-    import triton.backends.nvidia as nv
+    import triton.backends.nvidia as nv  # noqa: PLC0415 - triton is optional (Linux only)
 
     return os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
 
@@ -53,12 +53,12 @@ def _ptxas_report(ptx: str, arch: int, kernel: str) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(kernel, signature: tuple, constexprs: tuple, arch: int, num_warps: int,
              num_stages: int) -> Compiled:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import triton  # noqa: PLC0415 - triton is optional (Linux only)
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
 
     src = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs))
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -17,7 +17,8 @@ from diet_engine.storage.head.errors import HeadStoreError
 
 # Failures of the user's input, files or disk: one `diet <command>: error:` line, exit status 2.
 # Anything else is a bug and keeps its traceback.
-_EXPECTED = (ConfigError, HeadStoreError, TrainingDivergedError, FileNotFoundError, FileExistsError, ValueError, PermissionError, OSError)
+_EXPECTED = (ConfigError, HeadStoreError, TrainingDivergedError, FileNotFoundError, FileExistsError, ValueError,
+             PermissionError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         rand, _ = build_backbone(meta["backbone"], small_stem=json.loads(meta.get("small_stem", "false")),
                                  in_channels=cfg.data.channels)
-        rows[f"{meta['backbone']} (random init)"] = evaluate(DietModel(rand, 0).to(device), cfg, train_m, test_m, device)
+        rows[f"{meta['backbone']} (random init)"] = evaluate(DietModel(rand, 0).to(device), cfg, train_m, test_m,
+                                                             device)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows, {}))
     return 0

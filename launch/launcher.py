@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="number of nodes (default: $NNODES, $SLURM_NNODES, the hostfile's hosts, or 1)")
     p.add_argument("--node_rank", type=int, default=None,
                    help="this node's rank for launches without ssh (default: $NODE_RANK or $SLURM_NODEID)")
-    p.add_argument("--master_addr", default=None, help="address of node 0 (default: $MASTER_ADDR, or 127.0.0.1 on one node)")
+    p.add_argument("--master_addr", default=None,
+                   help="address of node 0 (default: $MASTER_ADDR, or 127.0.0.1 on one node)")
     p.add_argument("--master_port", type=int, default=None,
                    help=f"rendezvous port (default: $MASTER_PORT, {DEFAULT_PORT} on several nodes, a free port on one)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile: one `host slots=K` line per node")
@@ -127,7 +128,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        raise ValueError("diet launch: give the command to run on every rank, e.g. `diet launch --nproc_per_node 2 train ...`")
+        raise ValueError("diet launch: give the command to run on every rank, "
+                         "e.g. `diet launch --nproc_per_node 2 train ...`")
     if cmd[0].startswith("-"):
         raise ValueError(f"diet launch: unknown launch option {cmd[0]!r} (launch options come before the command)")
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
@@ -249,7 +251,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
-    def forward(signum, frame):  # noqa: ARG001
+    def forward(signum, frame):
         ranks = _rank_processes(proc.pid)
         if not ranks:  # not started yet: nothing to checkpoint, end the session
             os.killpg(proc.pid, signal.SIGTERM)

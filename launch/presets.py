@@ -15,7 +15,8 @@ def digits() -> RunConfig:
     cfg.data.image_size = 16
     cfg.data.channels = 3
     cfg.data.strength = 1
-    cfg.data.crop_scale_min = 0.8  # 8 px digits: smaller crops cut strokes away (benchmarks/README.md, "The default run")
+    # 8 px digits: smaller crops cut strokes away (benchmarks/README.md, "The default run")
+    cfg.data.crop_scale_min = 0.8
     cfg.data.flip = False  # digits are not mirror-symmetric
     cfg.data.erasing = 0.0  # erasing a quarter of a 16 px digit removes the digit
     cfg.model.backbone = "resnet18"

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from diet_engine.engine.config import ConfigError, RunConfig
-from diet_engine.engine.stopping import PREEMPTED_EXIT_STATUS
 from diet_engine.engine.run_dir import clear_run_dir, hold_run_lock, resolve_resume
+from diet_engine.engine.stopping import PREEMPTED_EXIT_STATUS
 from diet_engine.launch.presets import PRESETS
 
 
@@ -90,7 +90,8 @@ def train_and_evaluate(cfg: RunConfig, evaluate: bool = True) -> dict:
     finally:
         trainer.close()
     result["run_dir"] = str(trainer.run_dir)
-    if result.get("preempted") or not (evaluate and cfg.eval.enabled and cfg.data.eval_test_manifest and trainer.is_main):
+    labelled = cfg.eval.enabled and cfg.data.eval_test_manifest
+    if result.get("preempted") or not (evaluate and labelled and trainer.is_main):
         return result
     te = time.perf_counter()
     train_m = load_manifest(cfg.data, "eval_train_manifest" if cfg.data.eval_train_manifest else "manifest")

@@ -3,7 +3,7 @@
     diet bench memory                          # CPU preset: ResNet-18, 16 px, B = 256, N up to 10M
     diet bench memory --preset cpu-resnet18-32px   # the SimCLR / s-DIET / supervised ratios at 32 px
     diet bench memory --preset gpu-resnet50    # ResNet-50, 224 px, B = 256, bf16, on a CUDA GPU
-    python benchmarks/bench_memory.py ...      # the same, without the CLI
+    python -m benchmarks.memory.harness ...    # the same, without the CLI
 
 How it measures (see worker.py): every (configuration, N) runs the real `Trainer` (same loader,
 backbone, DeepSpeed engine, head) in a fresh subprocess capped at `--mem-cap-gib` of data segment
@@ -93,7 +93,7 @@ def virtual_manifest(base, n: int, out: Path) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / f".tail-{n % r}.tar.tmp"
             with wds.TarWriter(str(tmp), encoder=False) as tw:
-                for _, sample in zip(range(n % r), iter_samples(tar)):
+                for _, sample in zip(range(n % r), iter_samples(tar), strict=False):
                     tw.write(sample)
             tmp.replace(tail)
         shards.append(ShardInfo(str(tail), (n // r) * r, n % r))

@@ -159,11 +159,11 @@ def _linfit(points: Sequence[tuple[float, float]]) -> tuple[float, float, float]
     ys = [float(p[1]) for p in points]
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     slope = sxy / sxx if sxx else 0.0
     icpt = my - slope * mx
     ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - icpt - slope * x) ** 2 for x, y in zip(xs, ys))
+    ss_res = sum((y - icpt - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
     return slope, icpt, (1 - ss_res / ss_tot) if ss_tot else 1.0
 
 
@@ -204,7 +204,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, device: str, title: str, ca
     panels = [("peak_mib", "GPU peak allocated (MiB)" if device == "cuda" else "peak RSS during steps (MiB)")]
     panels.append(("net_mib", "net of idle process (MiB)") if device != "cuda"
                   else ("host_rss_steps_mib", "host peak RSS (MiB)"))
-    for ax, (col, ylabel) in zip(axes, panels):
+    for ax, (col, ylabel) in zip(axes, panels, strict=True):
         for m in METHOD_ORDER:
             pts = [r for r in rows if r["method"] == m]
             if not pts:
@@ -215,7 +215,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, device: str, title: str, ca
                 ax.hlines(ok[0][1], lo, hi, colors=COLORS[m], linestyles="--", label=f"{label} (no N dependence)")
                 continue
             if ok:
-                ax.plot(*zip(*ok), "o-", color=COLORS[m], label=label)
+                ax.plot(*zip(*ok, strict=True), "o-", color=COLORS[m], label=label)
             bad = [r["N"] for r in pts if r["status"] == "OOM"]
             if bad:  # at the cap, nudged sideways per method so coinciding markers stay visible
                 y = cap_mib or max((v for _, v in ok), default=1.0) * 2

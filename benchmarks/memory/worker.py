@@ -75,14 +75,14 @@ def _import_libraries() -> None:
     import deepspeed  # noqa: F401, PLC0415
     import torch  # noqa: F401, PLC0415
     import torchvision  # noqa: F401, PLC0415
-
-    import diet_engine.engine.trainer  # noqa: F401, PLC0415
-    import diet_engine.storage.head  # noqa: F401, PLC0415  (the disk store)
-    import diet_engine.storage.shards  # noqa: F401, PLC0415
     import zarr  # noqa: F401, PLC0415  (imported by the disk store when it creates a store)
 
+    import diet_engine.engine.trainer  # noqa: PLC0415
+    import diet_engine.storage.head  # noqa: PLC0415  (the disk store)
+    import diet_engine.storage.shards  # noqa: F401, PLC0415
 
-def _touched_rows(cfg, steps: int) -> "object":
+
+def _touched_rows(cfg, steps: int) -> object:
     """Rows the first `steps` batches (+ the head's lookahead) use: the chunks a partial store needs."""
     import numpy as np  # noqa: PLC0415
 
@@ -134,13 +134,13 @@ def run(spec: dict) -> dict:
     if spec["mode"] == "idle-kernels":  # + the lazy optimizer's CPU runtime (numba, LLVM, cached code)
         import numpy as np  # noqa: PLC0415
 
-        from diet_engine.kernels import LazyAdamW  # noqa: PLC0415
+        from diet_engine.kernels import LazyAdamW, Rows  # noqa: PLC0415
 
         opt = LazyAdamW(np.full(16, 1e-3), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, mode="exact")
         w = torch.randn(8, 64)
         m, v, stamps = torch.zeros_like(w), torch.zeros_like(w), torch.zeros(8, dtype=torch.int64)
-        opt.catch_up(w, m, v, stamps, 3)
-        opt.step(w, m, v, stamps, torch.randn_like(w), 3)
+        opt.catch_up(Rows(w, m, v, stamps), 3)
+        opt.step(Rows(w, m, v, stamps), torch.randn_like(w), 3)
     if spec["mode"] in ("idle", "idle-kernels"):
         result["rss_end_mib"] = _status_kib("VmRSS") / 1024  # settled; the peak includes import transients
         result["peak_rss_total_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,7 +1,7 @@
 """Exact lazy AdamW / SGD for head rows (semantics in `api.py`, the formulas in `reference.py`).
 
-Public API: `LazyAdamW`, `LazySGD`. Rows are passed as tensors (weight, exp_avg, exp_avg_sq,
-step stamps) and updated in place.
+Public API: `LazyAdamW`, `LazySGD` and `Rows` (the row state they update in place):
+`opt.catch_up(rows, t)`, `opt.step(rows, grad, t)`, `opt.materialize(rows, T)`.
 
 Files: `api.py` (the classes, dispatch), `schedule_tables.py` (what depends only on the schedule),
 `reference.py` (plain PyTorch definition), `chebyshev.py` (the AdamW catch-up sum as a short
@@ -9,5 +9,6 @@ series), `_numba.py` (CPU), `_triton.py` (CUDA), `paper.py` (the s-DIET multiste
 """
 
 from diet_engine.kernels.lazy_optim.api import LazyAdamW, LazySGD
+from diet_engine.kernels.rows import Rows
 
-__all__ = ["LazyAdamW", "LazySGD"]
+__all__ = ["LazyAdamW", "LazySGD", "Rows"]

@@ -9,7 +9,7 @@ Contract
 --------
 * `read_rows(index)` takes sorted, unique int64 row ids (the engine passes `np.unique(batch)`;
   anything else raises ValueError, see `check_index`) and returns a `RowBlock` of copies; the
-  caller may modify them freely.
+  caller may modify them freely (the lazy optimizer does, in place, through `block.rows`).
 * `write_rows(block)` stores the block's rows (all four fields) and may return before they reach
   disk; the store copies the block, so the caller may reuse it. A later `read_rows` of any of
   those rows returns the written values, even while the write is still in flight to disk.
@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from diet_engine.kernels.rows import Rows
 
 FORMAT_VERSION = 1
 _INIT_BLOCK = 4096  # rows per deterministic init block, independent of any store's chunking
@@ -79,13 +81,19 @@ class HeadMeta:
 
 @dataclasses.dataclass
 class RowBlock:
-    """A set of head rows in host (or device) memory."""
+    """A set of head rows in host (or device) memory: their ids and their `rows` state."""
 
     index: np.ndarray  # (M,) int64, sorted, unique
     weight: torch.Tensor  # (M, d)
     exp_avg: torch.Tensor  # (M, d)
     exp_avg_sq: torch.Tensor  # (M, d)
     step: torch.Tensor  # (M,) int64
+
+    @property
+    def rows(self) -> Rows:
+        """The four tensors as the lazy optimizer takes them (the same tensors, no copy):
+        `opt.step(block.rows, grad, t)` updates this block in place."""
+        return Rows(self.weight, self.exp_avg, self.exp_avg_sq, self.step)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RowBlock:
         mv = lambda x: x.to(device, non_blocking=non_blocking)  # noqa: E731

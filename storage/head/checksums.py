@@ -3,7 +3,8 @@
 The store keeps a `checksum` array (N, 3) uint32 beside the data: column k is crc32c of row n of
 data array k (its d·itemsize raw little-endian bytes). Cost: google-crc32c (hardware CRC32C) runs
 about 1 µs per 8 KiB row from Python including the copy to `bytes` it needs, i.e. ~0.8 ms per
-256-row batch of three arrays each way; measured in benchmarks/bench_head_gather_scatter.py.
+256-row batch of three arrays each way; measured by `diet bench head-gather-scatter`
+(benchmarks/head/gather_scatter.py).
 """
 
 from __future__ import annotations

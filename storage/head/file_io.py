@@ -156,7 +156,7 @@ class FdCache:
         self._fds[path] = fd
         return fd
 
-    def use(self, path: str):  # noqa: ANN201 - a context manager yielding the fd
+    def use(self, path: str):  # a context manager yielding the fd
         if not self.evicting:
             held = self._held.get(path)
             if held is None:

@@ -2,9 +2,10 @@
 
 Before batch k of a plan is used, the rows of batch k + depth are requested (`prefetch`), so an
 out-of-core store has `depth` steps to bring them in; the first `depth` batches are requested when
-the window opens. The batches after k (up to max(depth, 1) of them) are what the step may add as
-extra negatives. The trainer's head, the crash-test driver, the store conformance suite and the
-head benchmarks all drive a store through this class.
+the window opens (depth 0: batch k is requested as it is used). The batches after k (up to
+max(depth, 1) of them) are what the step may add as extra negatives. The trainer's head, the
+crash-test driver, the store conformance suite and the head benchmarks all drive a store through
+this class.
 
     window = Lookahead(store.prefetch, plan, depth=4)       # prefetches plan[0:4]
     for k in range(len(plan)):

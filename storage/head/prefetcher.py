@@ -95,7 +95,8 @@ class Gatherer:
             slots = self.cache.lookup(idx)
             for r in idx[slots >= 0].tolist():  # a failed prefetch is retried, not reported twice
                 f = self.cache.loading.get(r)
-                if f is not None and f.done() and f.exception() is not None and not self.cache.pins[self.cache.slot_of[r]]:
+                if (f is not None and f.done() and f.exception() is not None
+                        and not self.cache.pins[self.cache.slot_of[r]]):
                     self.cache.drop(np.array([r]))
             slots = self.cache.lookup(idx)
             present = slots >= 0

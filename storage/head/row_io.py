@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diet_engine.storage.faults import fault_point
 from diet_engine.storage.head.checksums import row_crcs, verify_rows
 from diet_engine.storage.head.file_io import IOV_MAX, FdCache, FileIO
-from diet_engine.storage.faults import fault_point
 from diet_engine.storage.head.zarr_layout import CHECKSUM_ARRAY, DATA_ARRAYS, STEP_ARRAY, HeadLayout
 
 

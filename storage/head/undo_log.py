@@ -161,7 +161,8 @@ class UndoLog:
             head = bytearray(HEADER_BYTES)  # torn at creation: no records can follow
         magic, version, hbytes, base, n, d, isz = _HEADER.unpack_from(head)
         lay = self.layout
-        if magic == _MAGIC and (version, hbytes, base, n, d, isz) != (_VERSION, HEADER_BYTES, step, lay.num_rows, lay.dim, lay.dtype.itemsize):
+        expected = (_VERSION, HEADER_BYTES, step, lay.num_rows, lay.dim, lay.dtype.itemsize)
+        if magic == _MAGIC and (version, hbytes, base, n, d, isz) != expected:
             self.io.close(fd)
             raise HeadStoreCorruptionError(
                 f"undo segment {path} belongs to another store or format (version {version}, step {base}, "

@@ -43,7 +43,8 @@ DoneFn = Callable[[list[WriteJob], BaseException | None], None]
 class WriteBehind:
     """One daemon thread draining a FIFO of WriteJobs (see module docstring)."""
 
-    def __init__(self, row_io: RowIO, undo: UndoLog, staging: Sequence[np.ndarray], on_done: DoneFn, group_rows: int = 4096) -> None:
+    def __init__(self, row_io: RowIO, undo: UndoLog, staging: Sequence[np.ndarray], on_done: DoneFn,
+                 group_rows: int = 4096) -> None:
         self.row_io = row_io
         self.undo = undo
         self.staging = staging  # three (S_w, d) staging arrays

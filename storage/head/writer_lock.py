@@ -3,8 +3,9 @@
 `acquire_writer_lock` takes an exclusive flock on `undo_log/writer.lock` (released when its fd is
 closed, also by a crash; `release_writer_lock` closes it). A forked child (a loader worker) would
 share the lock through its copy of the fd and keep the store locked after the trainer is killed,
-until the orphan notices: children close their copies at fork (`os.register_at_fork`); `check_writable` turns EROFS/EACCES into an error that says how to open
-the store read-only for export or evaluation.
+until the orphan notices: children close their copies at fork (`os.register_at_fork`).
+`check_writable` turns EROFS/EACCES into an error that says how to open the store read-only for
+export or evaluation.
 """
 
 from __future__ import annotations

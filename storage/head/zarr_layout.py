@@ -112,7 +112,8 @@ def chunk_rows_from_shards(counts: Sequence[int], first_index: Sequence[int]) ->
     """
     counts, first = [int(c) for c in counts], [int(f) for f in first_index]
     if not counts or len(counts) != len(first):
-        raise ValueError(f"manifest shard layout needs one first index per shard count, got {len(first)} and {len(counts)}")
+        raise ValueError(f"manifest shard layout needs one first index per shard count, got {len(first)} and "
+                         f"{len(counts)}")
     expect = 0
     for k, (c, f) in enumerate(zip(counts, first, strict=True)):
         if f != expect:
@@ -169,22 +170,27 @@ def make_attrs(meta: HeadMeta, seed: int, commits: list[int], chunks: list[int] 
 
 
 def _create_metadata(root: str, meta: HeadMeta, seed: int, chunks: list[int] | None) -> None:
-    import zarr
-    from zarr.codecs import BytesCodec
+    import zarr  # noqa: PLC0415 - only creating a store needs zarr; `diet` starts without it
+    from zarr.codecs import BytesCodec  # noqa: PLC0415
 
     n, d, r = meta.num_rows, meta.dim, min(meta.chunk_rows, meta.num_rows)
-    group = zarr.create_group(store=root, zarr_format=3, attributes={ATTR_KEY: make_attrs(meta, seed, [meta.global_step], chunks)})
+    attrs = {ATTR_KEY: make_attrs(meta, seed, [meta.global_step], chunks)}
+    group = zarr.create_group(store=root, zarr_format=3, attributes=attrs)
     plain = {"compressors": None, "filters": None, "serializer": BytesCodec(endian="little"), "fill_value": 0}
     for name in DATA_ARRAYS:
-        group.create_array(name, shape=(n, d), chunks=(r, d), dtype=DTYPES[meta.dtype], dimension_names=("row", "feature"), **plain)
+        group.create_array(name, shape=(n, d), chunks=(r, d), dtype=DTYPES[meta.dtype],
+                           dimension_names=("row", "feature"), **plain)
     group.create_array(STEP_ARRAY, shape=(n,), chunks=(r,), dtype="<i8", dimension_names=("row",), **plain)
-    group.create_array(CHECKSUM_ARRAY, shape=(n, 3), chunks=(r, 3), dtype="<u4", dimension_names=("row", "array"), **plain)
-    group.create_group(UNDO_GROUP, attributes={"description": "undo log of the head store (crash recovery); not array data"})
+    group.create_array(CHECKSUM_ARRAY, shape=(n, 3), chunks=(r, 3), dtype="<u4", dimension_names=("row", "array"),
+                       **plain)
+    group.create_group(UNDO_GROUP,
+                       attributes={"description": "undo log of the head store (crash recovery); not array data"})
 
 
 def check_array_metadata(layout: HeadLayout) -> None:
     """Refuse arrays whose shape, chunking, dtype or codecs differ from what the hot path assumes."""
-    expect = {name: ((layout.num_rows, layout.dim), (layout.chunk_rows, layout.dim), layout.dtype.name) for name in DATA_ARRAYS}
+    expect = {name: ((layout.num_rows, layout.dim), (layout.chunk_rows, layout.dim), layout.dtype.name)
+              for name in DATA_ARRAYS}
     expect[STEP_ARRAY] = ((layout.num_rows,), (layout.chunk_rows,), "int64")
     expect[CHECKSUM_ARRAY] = ((layout.num_rows, 3), (layout.chunk_rows, 3), "uint32")
     for name, (shape, chunks, dtype) in expect.items():
@@ -330,7 +336,8 @@ def create_files(layout: HeadLayout, seed: int, io: FileIO, chunks: Sequence[int
             finally:
                 io.close(fd)
     owned, r = set(chunks), layout.chunk_rows
-    blocks = sorted({b for c in chunks for b in range(c * r // _INIT_BLOCK, (min((c + 1) * r, layout.num_rows) - 1) // _INIT_BLOCK + 1)})
+    blocks = sorted({b for c in chunks
+                     for b in range(c * r // _INIT_BLOCK, (min((c + 1) * r, layout.num_rows) - 1) // _INIT_BLOCK + 1)})
     with ThreadPoolExecutor(max(1, threads)) as pool:  # torch RNG and pwrite release the GIL
         for f in [pool.submit(_init_block, layout, seed, b, io, owned) for b in blocks]:
             f.result()

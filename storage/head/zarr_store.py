@@ -1,6 +1,6 @@
 """The on-disk head store: a Zarr v3 group on disk, rows moved by raw pread/pwrite.
 
-Design (numbers measured by benchmarks/bench_head_*.py):
+Design (numbers measured by benchmarks/head/, `diet bench head-*`):
 
 * Layout (zarr_layout): weight / exp_avg / exp_avg_sq as (N, d) arrays, uncompressed, one chunk per
   dataset shard (R rows × full d), plus step stamps (N,) and per-row crc32c checksums (N, 3).
@@ -10,10 +10,11 @@ Design (numbers measured by benchmarks/bench_head_*.py):
   (`io_threads`, the disk queue depth) straight into slots of preallocated, pinned buffers.
 * Gather ahead (`prefetch`, prefetcher) and write behind (`write_rows` returns after a memcpy,
   write_behind), through a row cache (row_cache) that always holds the latest value of resident
-  rows: a row in flight to disk is pinned there, so it is served from memory, never re-read stale. `read_rows` waits only when
-  the disk cannot keep up (`stats()["read_stall_s"]`); `write_rows` blocks when the write-behind
-  staging is full (back-pressure, `write_stall_s`). Host memory = `memory_budget_bytes`
-  (cache + staging, allocated once) + the (N,) int64 step vector + an N/8-byte bitset.
+  rows: a row in flight to disk is pinned there, so it is served from memory, never re-read stale.
+  `read_rows` waits only when the disk cannot keep up (`stats()["read_stall_s"]`); `write_rows`
+  blocks when the write-behind staging is full (back-pressure, `write_stall_s`). Host memory =
+  `memory_budget_bytes` (cache + staging, allocated once) + the (N,) int64 step vector + an
+  N/8-byte bitset.
 * Crash consistency (undo_log): before a row is first overwritten after a commit its pre-image is
   appended to an undo segment and fdatasync'ed; `commit(S)` fdatasyncs the data and records S in
   the group attributes atomically; `recover(S)` replays the undo segments newer than S.
@@ -46,10 +47,15 @@ from diet_engine.storage.head.base import (
     check_recover_target,
 )
 from diet_engine.storage.head.config import ZarrHeadStoreConfig
-from diet_engine.storage.head.errors import HeadStoreCorruptionError, HeadStoreError, HeadStoreIOError, HeadStoreReadOnlyError
+from diet_engine.storage.head.errors import (
+    HeadStoreCorruptionError,
+    HeadStoreError,
+    HeadStoreIOError,
+    HeadStoreReadOnlyError,
+)
 from diet_engine.storage.head.file_io import FdCache, FileIO
-from diet_engine.storage.head.row_cache import TORCH_DTYPES, RowCache, SlotPool
 from diet_engine.storage.head.prefetcher import Gatherer
+from diet_engine.storage.head.row_cache import TORCH_DTYPES, RowCache, SlotPool
 from diet_engine.storage.head.row_io import RowIO
 from diet_engine.storage.head.undo_log import Bitset, UndoLog
 from diet_engine.storage.head.write_behind import WriteBehind, WriteJob
@@ -66,7 +72,6 @@ from diet_engine.storage.head.zarr_layout import (
     read_attrs,
     write_attrs,
 )
-
 
 _COUNTERS = (
     "rows_read", "rows_gathered", "rows_written", "bytes_read", "bytes_written", "cache_hits",
@@ -94,7 +99,8 @@ class ZarrHeadStore(HeadStore):
         config = config or ZarrHeadStoreConfig()
         config.validate()
         io = io or FileIO()
-        create_store(os.fspath(path), meta, seed, io, overwrite=overwrite, threads=config.init_threads, owned_rows=owned_rows)
+        create_store(os.fspath(path), meta, seed, io, overwrite=overwrite, threads=config.init_threads,
+                     owned_rows=owned_rows)
         return cls(path, meta, mode="r+", config=config, io=io)
 
     @classmethod
@@ -375,7 +381,8 @@ class ZarrHeadStore(HeadStore):
             m, d = idx.size, self.meta.dim
             if m == 0:
                 return
-            src = [t.detach().to("cpu", self._tdtype).numpy() for t in (block.weight, block.exp_avg, block.exp_avg_sq)]  # D2H sync if on GPU
+            # D2H sync if on GPU
+            src = [t.detach().to("cpu", self._tdtype).numpy() for t in (block.weight, block.exp_avg, block.exp_avg_sq)]
             steps = block.step.detach().cpu().numpy().astype(np.int64).reshape(-1)
             for name, t in zip(DATA_ARRAYS, src, strict=True):
                 if tuple(t.shape) != (m, d):
@@ -529,9 +536,10 @@ class ZarrHeadStore(HeadStore):
         rows_read: rows returned by read_rows; rows_gathered / bytes_read: rows read from disk;
         rows_written / bytes_written: rows written in place (data bytes); undo_bytes: undo log
         appends; gather_cpu_s / writer_cpu_s: CPU seconds of the gather tasks / the write-behind
-        thread (what the store takes from a CPU-bound training step); cache_hits / cache_misses: read_rows rows that were / were not already resident or
-        prefetched; read_stall_s: read_rows waiting for disk; write_stall_s: write_rows blocked on
-        back-pressure; write_queue_rows / io_queue_depth: now; *_peak: maxima.
+        thread (what the store takes from a CPU-bound training step); cache_hits / cache_misses:
+        read_rows rows that were / were not already resident or prefetched; read_stall_s: read_rows
+        waiting for disk; write_stall_s: write_rows blocked on back-pressure; write_queue_rows /
+        io_queue_depth: now; *_peak: maxima.
         """
         with self._cv:
             out = dict(self._counters)

@@ -36,7 +36,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from diet_engine.storage.shards.manifest import Manifest
 from diet_engine.storage.shards.plan import EpochPlan, WorkItem, assign_shards, make_epoch_plan, num_batches
-from diet_engine.storage.shards.records import ShardReadError, decode, image_bytes, iter_samples, parse_int, sample_index
+from diet_engine.storage.shards.records import (
+    ShardReadError,
+    decode,
+    image_bytes,
+    iter_samples,
+    parse_int,
+    sample_index,
+)
 
 _CACHE_MAX_SAMPLES = 50_000  # in-memory decoded cache: at most this many samples per rank
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -191,7 +198,8 @@ def _assemble(items: Iterator, plan: EpochPlan, start_batch: int, with_labels: b
 
 
 def _read_shard(path: str, first: int, count: int, index_field: str | None, image_field: str | None,
-                label_field: str | None, want: set[int], num_classes: int | None = None) -> dict[int, tuple[bytes, int]]:
+                label_field: str | None, want: set[int],
+                num_classes: int | None = None) -> dict[int, tuple[bytes, int]]:
     """{index: (encoded image, label or -1)} for `want` from one tar holding the manifest's indices
     first .. first+count-1. A subset stops reading once all are found; the whole shard is read to
     its end, so a sample outside the manifest's range (the shard holds more than declared) is an
@@ -211,7 +219,8 @@ def _read_shard(path: str, first: int, count: int, index_field: str | None, imag
                 label = parse_int(sample[label_field], "label", path, sample["__key__"])
                 if num_classes is not None and not 0 <= label < num_classes:
                     raise ShardReadError(f"{path}: sample {sample['__key__']!r} has label {label}, outside the "
-                                         f"manifest's {num_classes} classes 0..{num_classes - 1} (re-run `diet prepare index`?)")
+                                         f"manifest's {num_classes} classes 0..{num_classes - 1} "
+                                         "(re-run `diet prepare index`?)")
             got[n] = (image_bytes(sample, image_field, path), label)
             if not whole and len(got) == len(want):
                 break

@@ -57,7 +57,8 @@ def _matches_type(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     if origin is list:  # (a list of dataclasses: each element is checked field by field later)
-        return isinstance(value, list) and (dataclasses.is_dataclass(args[0]) or all(_matches_type(v, args[0]) for v in value))
+        return isinstance(value, list) and (dataclasses.is_dataclass(args[0])
+                                            or all(_matches_type(v, args[0]) for v in value))
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     return isinstance(value, dict) if dataclasses.is_dataclass(hint) else True

@@ -8,7 +8,7 @@ Costs, measured on 2 cores shared with other jobs (load average 5–12): digits 
 it importing scikit-learn; synthetic 8×8 gray ~30 µs (PNG) + ~35 µs (tar) per sample per core,
 N = 1,281,167 in 93 s with 2 workers (3.7 GB: a tar member costs ≥ 1 KB); folder: one decode
 (+ re-encode) per file in `workers` processes, tars written by the main process in index order.
-See benchmarks/bench_loader.py.
+See benchmarks/loader/shards.py (`diet bench loader`).
 """
 
 from __future__ import annotations

@@ -16,13 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from diet_engine.engine.distributed import HostSyncBatchNorm  # noqa: E402
-from diet_engine.engine.global_ce import global_batch_cross_entropy  # noqa: E402
-from diet_engine.kernels import batch_cross_entropy  # noqa: E402
+from diet_engine.engine.distributed import HostSyncBatchNorm
+from diet_engine.engine.global_ce import global_batch_cross_entropy
+from diet_engine.kernels import batch_cross_entropy
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:

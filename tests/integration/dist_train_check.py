@@ -21,7 +21,6 @@ of the head at the final step, and which rows the rank ever stepped).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,11 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import diet_engine.engine.trainer as trainer_module  # noqa: E402
-from diet_engine.engine.config import RunConfig  # noqa: E402
-from diet_engine.engine.model import DietModel  # noqa: E402
+import diet_engine.engine.trainer as trainer_module
+from diet_engine.engine.config import RunConfig
+from diet_engine.engine.model import DietModel
 
 NUM_SAMPLES = 128
 

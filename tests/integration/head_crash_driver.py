@@ -18,24 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-
-from diet_engine.storage.head import (  # noqa: E402
-    FileIO,
-    HeadMeta,
-    HeadStore,
-    Lookahead,
-    MemoryHeadStore,
-    RowBlock,
-    ZarrHeadStore,
-)
+from diet_engine.storage.head import FileIO, HeadMeta, HeadStore, Lookahead, MemoryHeadStore, RowBlock, ZarrHeadStore
 
 N, D, R, B = 2000, 32, 128, 96
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.05
@@ -69,7 +58,7 @@ class _Update:
     def __call__(self, b: RowBlock, t: int, seed: int) -> None:
         g = torch.randn(b.weight.shape, generator=torch.Generator().manual_seed(seed * 100_003 + t))
         if self.lazy is not None:
-            self.lazy.step(b.weight, b.exp_avg, b.exp_avg_sq, b.step, g, t)
+            self.lazy.step(b.rows, g, t)
             return
         b.weight.mul_(1 - LR * WD)
         b.exp_avg.mul_(BETAS[0]).add_(g, alpha=1 - BETAS[0])

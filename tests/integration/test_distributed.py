@@ -100,7 +100,8 @@ def test_two_ranks_global_batch_ce_equal_one_rank(tmp_path, zero_stage):
         (_start(_torchrun(1, HERE / "dist_train_check.py", str(one), "--set", "train.batch_size=16", *common),
                 tmp_path / "one.log"), tmp_path / "one.log"),
         (_start(_torchrun(2, HERE / "dist_train_check.py", str(two), "--set", "train.batch_size=8",
-                          "--set", f"train.zero_stage={zero_stage}", *common), tmp_path / "two.log"), tmp_path / "two.log"),
+                          "--set", f"train.zero_stage={zero_stage}", *common), tmp_path / "two.log"),
+         tmp_path / "two.log"),
     ]
     _wait(procs)
     a, b = torch.load(one / "model.pt"), torch.load(two / "model.pt")

@@ -58,7 +58,8 @@ def _assert_state(npz: Path, want: dict[str, np.ndarray], what: str) -> None:
     got = np.load(npz)
     for k in ("w", "m", "v", "s"):
         bad = np.flatnonzero((got[k] != want[k]).reshape(len(want[k]), -1).any(axis=1))
-        assert not bad.size, f"{what}: {k} differs in {bad.size} rows, first {bad[:5].tolist()} (HEAD_CRASH_SEED={SEED})"
+        assert not bad.size, (f"{what}: {k} differs in {bad.size} rows, first {bad[:5].tolist()} "
+                              f"(HEAD_CRASH_SEED={SEED})")
 
 
 def _spawn(workdir: Path, order: str, slow: str, dump: Path | None, final: Path | None, optimizer: str,

@@ -65,7 +65,8 @@ def test_second_trainer_refused_while_the_first_runs(digits_dir, tmp_path):
             second = subprocess.run(_cmd(digits_dir, run, *long, *extra), env=_env(), capture_output=True, text=True,
                                     timeout=600)
             refused = [line for line in second.stderr.splitlines() if line.startswith("diet train: error:")]
-            assert second.returncode == 2 and refused and "in use by another trainer" in refused[0], second.stderr[-2000:]
+            assert second.returncode == 2 and refused and "in use by another trainer" in refused[0], \
+                second.stderr[-2000:]
             assert "Traceback" not in second.stderr
         assert first.poll() is None, "the first trainer ended before the second ones were refused"
         assert (run / "config.json").exists() and (run / "metrics.csv").exists() and (run / "head.zarr").is_dir()

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 def test_simclr_cli_end_to_end(digits_dir, tmp_path):
     run = tmp_path / "simclr"
-    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", "--train.method=simclr", f"--data.manifest={digits_dir}/train",
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", "--train.method=simclr",
+           f"--data.manifest={digits_dir}/train",
            "--data.image_size=8", "--train.batch_size=16", "--train.max_steps=3", "--train.log_every=1",
            "--train.simclr_projector_hidden=32", "--train.simclr_projector_out=16",
            f"--train.run_dir={run}", "--train.progress=false", "--no-eval"]

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_train_head_store_smoke(tmp_path):
-    from benchmarks import bench_train_head_store as bench
+    from benchmarks.train import head_store as bench
 
     rc = bench.main(["--num-samples", "3000", "--batch-size", "32", "--steps", "8", "--log-every", "2",
                      "--rounds", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
@@ -26,7 +26,7 @@ def test_bench_train_head_store_smoke(tmp_path):
 
 
 def test_bench_train_scale_smoke(tmp_path):
-    from benchmarks import bench_train_scale as bench
+    from benchmarks.train import scale as bench
 
     rc = bench.main(["--num-samples", "3000", "--dim", "64", "--batch-size", "32", "--steps", "8",
                      "--checkpoint-every", "4", "--log-every", "1", "--workers", "0",

@@ -141,9 +141,9 @@ def _record_head_steps(trainer, monkeypatch) -> list[list]:
     log: list[list] = []
     opt_step, write_rows = trainer.head.opt.step, trainer.head.store.write_rows
 
-    def logged_step(w, m, v, s, grad, t):
+    def logged_step(rows, grad, t):
         log.append([None, grad.detach().clone()])
-        return opt_step(w, m, v, s, grad, t)
+        return opt_step(rows, grad, t)
 
     def logged_write(block):
         log[-1][0] = block.index.copy()  # the step's rows, written right after its optimizer step
@@ -195,7 +195,8 @@ def _assert_within_bound(lazy, ref, bound, init, what):
     worst = float((err / bound.clamp_min(1e-300)).max())
     print(f"\n{what}: max |lazy - dense AdamW| {float(err.max()):.3g}, max bound {float(bound.max()):.3g}, "
           f"max error/bound {worst:.3g}")  # (pytest -s shows the figures)
-    assert bool((err <= bound).all()), f"{what}: |lazy - dense AdamW| exceeds its rounding bound (max ratio {worst:.3g})"
+    assert bool((err <= bound).all()), \
+        f"{what}: |lazy - dense AdamW| exceeds its rounding bound (max ratio {worst:.3g})"
     # the bound is not vacuous: far below what training moved the head
     assert float(bound.max()) <= 1e-2 * float((ref - init.to(torch.float64)).abs().max()), what
 

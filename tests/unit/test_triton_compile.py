@@ -17,8 +17,8 @@ import torch
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
-from diet_engine.kernels import aot  # noqa: E402
 from diet_engine.kernels import _batch_ce_triton as ce  # noqa: E402
+from diet_engine.kernels import aot  # noqa: E402
 from diet_engine.kernels.lazy_optim import _triton as lazy  # noqa: E402
 from diet_engine.kernels.lazy_optim import chebyshev  # noqa: E402
 

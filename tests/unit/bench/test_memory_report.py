@@ -120,7 +120,7 @@ def test_virtual_manifest_gives_n_positional_samples(tmp_path):
     assert m.num_samples == 95 and m.num_shards == 10 and m.shards[-1].num_samples == 5
     loader = ShardLoader(m, 16, None, seed=0, with_labels=True)
     seen = []
-    for x, idx, y in loader.epoch(0):
+    for x, idx, _y in loader.epoch(0):
         assert x.shape[1:] == (3, 4, 4)
         seen.append(idx.numpy())
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(95))

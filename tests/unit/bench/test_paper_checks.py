@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_paper_checks_grad_cosine import SyntheticImages, backbone_grad_cosine
-from benchmarks.bench_paper_checks_toy import ToyConfig, ToyData, theory_ratio, train_toy
+from benchmarks.paper.grad_cosine import SyntheticImages, backbone_grad_cosine
+from benchmarks.paper.toy import ToyConfig, ToyData, theory_ratio, train_toy
 
 
 def test_toy_data_shapes_and_structure():

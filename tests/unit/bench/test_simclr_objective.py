@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from diet_engine.engine.objectives import DietObjective, SimclrObjective, SupervisedObjective, build_objective, num_classes_of
+from diet_engine.engine.objectives import (
+    DietObjective,
+    SimclrObjective,
+    SupervisedObjective,
+    build_objective,
+    num_classes_of,
+)
 from diet_engine.engine.simclr import TwoViews, nt_xent, nt_xent_reference, stack_views
 
 
@@ -104,7 +110,8 @@ def test_build_objective_per_method():
     cfg.train.method = "simclr"
     cfg.train.simclr_projector_hidden, cfg.train.simclr_projector_out = 9, 5
     obj = build_objective(cfg, _Model(), _Manifest(), "cpu")
-    assert isinstance(obj, SimclrObjective) and obj.projector[0].in_features == 7 and obj.projector[-1].out_features == 5
+    assert isinstance(obj, SimclrObjective)
+    assert obj.projector[0].in_features == 7 and obj.projector[-1].out_features == 5
     assert obj.temperature == cfg.train.simclr_temperature == 0.2
     cfg.train.method = "supervised"
     obj = build_objective(cfg, _Model(), _Manifest(), "cpu")

@@ -47,6 +47,26 @@ def test_dispatcher_uses_the_reference_on_cpu(monkeypatch):
         assert got.grad_fn is not None
 
 
+def test_backend_argument_and_the_environment_override(monkeypatch):
+    z, rows, t = _inputs()
+    want = batch_cross_entropy_reference(z, rows, t, 0.8, 3.0)
+    monkeypatch.delenv("DIET_BATCH_CE", raising=False)
+    for backend in ("auto", "reference"):
+        torch.testing.assert_close(batch_cross_entropy(z, rows, t, 0.8, 3.0, backend=backend), want)
+    monkeypatch.setenv("DIET_BATCH_CE", "triton")  # overrides "auto" only: an explicit backend wins
+    torch.testing.assert_close(batch_cross_entropy(z, rows, t, 0.8, 3.0, backend="reference"), want)
+    with pytest.raises(ValueError, match="backend='fast'"):
+        batch_cross_entropy(z, rows, t, 0.8, 3.0, backend="fast")
+
+
+def test_default_label_smoothing_is_zero():
+    """Plain cross-entropy unless asked: DIET's ε = 0.8 is the config's, not the kernel's."""
+    z, rows, t = _inputs()
+    want = torch.nn.functional.cross_entropy(z @ rows.T, t)
+    torch.testing.assert_close(batch_cross_entropy(z, rows, t), want)
+    torch.testing.assert_close(batch_cross_entropy_reference(z, rows, t), want)
+
+
 def test_unknown_mode_is_named(monkeypatch):
     monkeypatch.setenv("DIET_BATCH_CE", "fast")
     with pytest.raises(ValueError, match="DIET_BATCH_CE='fast'"):
@@ -80,7 +100,7 @@ def test_label_smoothing_out_of_range():
     elt=st.sampled_from([2, 4]),
 )
 def test_logits_chunk_is_bounded_by_the_inputs(B, M, d, elt):
-    from diet_engine.kernels._batch_ce_triton import _MIN_WORKSPACE_BYTES, _chunk_rows  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import _MIN_WORKSPACE_BYTES, _chunk_rows
 
     rows = _chunk_rows(B, M, d, elt)
     assert 1 <= rows <= B

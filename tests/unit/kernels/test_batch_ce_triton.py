@@ -52,7 +52,7 @@ def test_cases_under_triton_interpreter():
 
 
 def _fused():
-    from diet_engine.kernels._batch_ce_triton import batch_cross_entropy_fused  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import batch_cross_entropy_fused
 
     return batch_cross_entropy_fused
 
@@ -116,7 +116,7 @@ def test_small_shapes_meet_the_bar(shape, eps, dtype):
 
 def _small_workspace(monkeypatch):
     """Shrink the logits chunk so the gradients accumulate over several chunks."""
-    import diet_engine.kernels._batch_ce_triton as backend  # noqa: PLC0415
+    import diet_engine.kernels._batch_ce_triton as backend
 
     monkeypatch.setattr(backend, "_MIN_WORKSPACE_BYTES", 0)
     monkeypatch.setattr(backend, "_WORKSPACE_DIVISOR", 32)
@@ -159,7 +159,7 @@ def test_extreme_logits_stay_finite(dtype):
 
 @case
 def test_chunking_does_not_change_the_result():
-    from diet_engine.kernels._batch_ce_triton import batch_ce_loss_and_grads  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import batch_ce_loss_and_grads
 
     z, rows, t = _make(37, 50, 19, torch.float32)
     whole = batch_ce_loss_and_grads(z, rows, t, 0.8, 2.0, True, True, chunk_rows=37)
@@ -187,12 +187,28 @@ def test_upstream_gradient_and_partial_requires_grad():
 def test_second_backward_is_refused():
     z, rows, t = _make(4, 6, 8, torch.float32)
     z.requires_grad_()
-    loss = _fused()(z, rows, t)
+    loss = _fused()(z, rows, t, 0.8)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once per forward"):
         loss.backward()
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(_fused()(z, rows, t), z, create_graph=True)
+        torch.autograd.grad(_fused()(z, rows, t, 0.8), z, create_graph=True)
+
+
+@case
+def test_backend_argument_picks_triton(monkeypatch):
+    monkeypatch.setenv("DIET_BATCH_CE", "reference")  # overrides "auto" only
+    z, rows, t = _make(5, 9, 8, torch.float32)
+    z.requires_grad_()
+    got = batch_cross_entropy(z, rows, t, 0.8, 2.0, backend="triton")
+    torch.testing.assert_close(got, _fused()(z, rows, t, 0.8, 2.0), rtol=0, atol=0)
+    got.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):  # the fused op's autograd ran
+        got.backward()
+    ref = batch_cross_entropy(z, rows, t, 0.8, 2.0)  # "auto": the variable picks the reference
+    ref.backward(retain_graph=True)
+    ref.backward()  # the reference's autograd allows it
+    torch.testing.assert_close(_fused()(z, rows, t), batch_cross_entropy_reference(z, rows, t, 0.0))
 
 
 @case
@@ -207,7 +223,7 @@ def test_inputs_that_are_views_or_int32_targets():
 
 @case
 def test_custom_op_registration():
-    from diet_engine.kernels._batch_ce_triton import _batch_ce_op  # noqa: PLC0415
+    from diet_engine.kernels._batch_ce_triton import _batch_ce_op
 
     z, rows, t = _make(7, 5, 9, torch.float32)
     for need in [(True, True), (True, False), (False, False)]:
@@ -258,11 +274,11 @@ def test_large_shapes_on_gpu(shape, dtype, chunked, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_gpus_without_one(dtype):
     """Ahead-of-time compile to sm_90 / sm_80 cubins: catches GPU-only compile errors on CPU."""
-    import triton  # noqa: PLC0415
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource  # noqa: PLC0415
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    import diet_engine.kernels._batch_ce_triton as backend  # noqa: PLC0415
+    import diet_engine.kernels._batch_ce_triton as backend
 
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 6, 7, 8)}  # d % 16 == 0
     fwd = ASTSource(

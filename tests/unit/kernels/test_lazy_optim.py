@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD
+from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD, Rows
 from diet_engine.kernels.lazy_optim.paper import multistep_coefficients
 
 N, D, T, WARMUP = 500, 37, 3000, 300
@@ -79,13 +79,13 @@ def _run(make_lazy, make_dense, dtypes, seed: int, B: int, checks=(1, 2, 150, 10
         idx = torch.from_numpy(rows)
         for dt, (opt, w, m, v, step) in heads.items():
             rw, rm, rv, rs = w[idx], m[idx], v[idx], step[idx]
-            opt.catch_up(rw, rm, rv, rs, t)  # the engine's order: catch up, forward, step
+            opt.catch_up(Rows(rw, rm, rv, rs), t)  # the engine's order: catch up, forward, step
             assert (rs == t - 1).all()
-            opt.step(rw, rm, rv, rs, grad.to(dt), t)
+            opt.step(Rows(rw, rm, rv, rs), grad.to(dt), t)
             w[idx], m[idx], v[idx], step[idx] = rw, rm, rv, rs
             if t in checks:
                 cw, cm, cv, cs = w.clone(), m.clone(), v.clone(), step.clone()
-                opt.materialize(cw, cm, cv, cs, t)
+                opt.materialize(Rows(cw, cm, cv, cs), t)
                 assert (cs == t).all()
                 ref = param.detach()
                 err = float((cw.double() - ref).abs().max() / ref.abs().max())
@@ -167,12 +167,12 @@ def test_numba_equals_reference_adamw(dtype, betas):
         opt = LazyAdamW(lrs, betas=betas, weight_decay=0.1, backend=backend)
         s = torch.tensor(STAMPS)
         rows = [x.clone() for x in (w, m, v)]
-        opt.catch_up(*rows, s, 2400)
-        opt.step(*rows, s, grad, 2400)
-        opt.materialize(*rows, s, 2900)
+        opt.catch_up(Rows(*rows, s), 2400)
+        opt.step(Rows(*rows, s), grad, 2400)
+        opt.materialize(Rows(*rows, s), 2900)
         out[backend] = rows
     tol = 1e-13 if dtype == torch.float64 else 2e-6
-    for got, want in zip(out["numba"], out["reference"]):
+    for got, want in zip(out["numba"], out["reference"], strict=True):
         assert float((got - want).abs().max() / want.abs().max()) <= tol
 
 
@@ -186,12 +186,49 @@ def test_numba_equals_reference_sgd(dtype, momentum):
         opt = LazySGD(lrs, momentum=momentum, dampening=0.1, weight_decay=0.01, backend=backend)
         s = torch.tensor(STAMPS)
         rows = [w.clone(), m.clone() if momentum else None]
-        opt.step(rows[0], rows[1], None, s, grad, 2400)
-        opt.materialize(rows[0], rows[1], None, s, 2999)
+        opt.step(Rows(rows[0], rows[1], None, s), grad, 2400)
+        opt.materialize(Rows(rows[0], rows[1], None, s), 2999)
         out[backend] = [x for x in rows if x is not None]
     tol = 1e-13 if dtype == torch.float64 else 1e-6
-    for got, want in zip(out["numba"], out["reference"]):
+    for got, want in zip(out["numba"], out["reference"], strict=True):
         assert float((got - want).abs().max() / want.abs().max()) <= tol
+
+
+# ---------------------------------------------------------------------------------- row state
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_sgd_takes_no_second_moment(backend):
+    """LazySGD never reads exp_avg_sq: None and a store's tensor (left untouched) give the same rows;
+    with momentum 0 it needs no buffer either."""
+    lrs = warmup_cosine(0.1)
+    w, m, v, grad = _state(len(STAMPS), 33, torch.float64)
+    out = []
+    for sq in (None, v.clone()):
+        opt = LazySGD(lrs, momentum=0.9, dampening=0.1, weight_decay=0.01, backend=backend)
+        rows = Rows(w.clone(), m.clone(), sq, torch.tensor(STAMPS))
+        opt.step(rows, grad, 2400)
+        opt.materialize(rows, 2999)
+        out.append(rows)
+    torch.testing.assert_close(out[0].weight, out[1].weight, rtol=0, atol=0)
+    torch.testing.assert_close(out[0].exp_avg, out[1].exp_avg, rtol=0, atol=0)
+    torch.testing.assert_close(out[1].exp_avg_sq, v, rtol=0, atol=0)
+    plain = Rows(w.clone(), None, None, torch.tensor(STAMPS))
+    LazySGD(lrs, momentum=0.0, weight_decay=0.01, backend=backend).step(plain, grad, 2400)
+    assert (plain.step == 2400).all() and not torch.equal(plain.weight, w)
+
+
+def test_rows_argument_is_checked():
+    opt = LazyAdamW([1e-3] * 10, backend="numba")
+    w, s = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        opt.catch_up(Rows(w, w.clone(), None, s), 4)
+    with pytest.raises(TypeError, match="Rows"):
+        opt.step(w, w.clone(), 4)  # a tensor where the Rows go
+    with pytest.raises(ValueError, match="momentum buffer"):
+        LazySGD(1e-3, momentum=0.9).step(Rows(w, None, None, s), w.clone(), 1)
+    opt.materialize((w, w.clone(), w.clone(), s), 4)  # a plain 4-tuple is read as Rows
+    assert (s == 4).all()
 
 
 # --------------------------------------------------------------------------------- paper mode
@@ -205,8 +242,8 @@ def test_adamw_paper_mode_is_listing_1():
     v = v + 1e-6
     step = torch.tensor([0, 3, 3, 9, 20])
     rows = [w.clone(), m.clone(), v.clone()]
-    opt.catch_up(*rows, step, 30)  # paper mode moves rows only in step()
-    opt.step(*rows, step, g, 30)
+    opt.catch_up(Rows(*rows, step), 30)  # paper mode moves rows only in step()
+    opt.step(Rows(*rows, step), g, 30)
     assert (step == 30).all()
     # Eq. 18 directly, after the real step without bias correction (ψ_t = 1)
     n = n_rows / batch - 1
@@ -229,7 +266,7 @@ def test_sgd_paper_mode_is_eq_19_20():
     w, m, _, g = _state(4, 9, torch.float64, seed=4)
     rows = [w.clone(), m.clone()]
     step = torch.zeros(4, dtype=torch.int64)
-    opt.step(rows[0], rows[1], None, step, g, 5)
+    opt.step(Rows(rows[0], rows[1], None, step), g, 5)
     m1 = mu * m + (1 - damp) * g  # Eq. 19
     w1 = (1 - lr * lam) * w - lr * m1
     D = 1 - lr * lam  # Eq. 20
@@ -264,11 +301,11 @@ def test_errors_name_the_problem():
     opt = LazyAdamW([1e-3] * 10, backend="numba")
     w = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="10 entries"):
-        opt.catch_up(w, w.clone(), w.clone(), torch.zeros(2, dtype=torch.int64), 12)
+        opt.catch_up(Rows(w, w.clone(), w.clone(), torch.zeros(2, dtype=torch.int64)), 12)
     with pytest.raises(ValueError, match="stamps"):
-        opt.catch_up(w, w.clone(), w.clone(), torch.tensor([0, 5]), 4)
+        opt.catch_up(Rows(w, w.clone(), w.clone(), torch.tensor([0, 5])), 4)
     with pytest.raises(ValueError, match="exp_avg"):
-        opt.catch_up(w, torch.zeros(2, 4), w.clone(), torch.zeros(2, dtype=torch.int64), 4)
+        opt.catch_up(Rows(w, torch.zeros(2, 4), w.clone(), torch.zeros(2, dtype=torch.int64)), 4)
 
 
 def test_never_touched_rows_and_empty_calls():
@@ -277,10 +314,10 @@ def test_never_touched_rows_and_empty_calls():
     opt = LazyAdamW(lrs, weight_decay=0.5, backend="numba")
     w = torch.ones(1, 3, dtype=torch.float64)
     z = torch.zeros_like(w)
-    opt.materialize(w, z, z.clone(), torch.zeros(1, dtype=torch.int64), 50)
+    opt.materialize(Rows(w, z, z.clone(), torch.zeros(1, dtype=torch.int64)), 50)
     torch.testing.assert_close(w, torch.full_like(w, 0.95**50), rtol=1e-13, atol=0)
     e = torch.zeros(0, 3)
-    opt.step(e, e, e, torch.zeros(0, dtype=torch.int64), e, 5)
+    opt.step(Rows(e, e, e, torch.zeros(0, dtype=torch.int64)), e, 5)
     p = torch.nn.Parameter(torch.ones(1, 3, dtype=torch.float64))
     sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.5)
     for _ in range(7):
@@ -288,6 +325,6 @@ def test_never_touched_rows_and_empty_calls():
         sgd.step()
     w, b = torch.ones(1, 3, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
     LazySGD(0.1, momentum=0.9, dampening=0.3, weight_decay=0.5).materialize(
-        w, b, None, torch.zeros(1, dtype=torch.int64), 7)
+        Rows(w, b, None, torch.zeros(1, dtype=torch.int64)), 7)
     torch.testing.assert_close(w, p.detach(), rtol=1e-14, atol=0)
     torch.testing.assert_close(b, sgd.state[p]["momentum_buffer"], rtol=1e-14, atol=0)

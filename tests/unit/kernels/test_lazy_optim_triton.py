@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD
+from diet_engine.kernels.lazy_optim import LazyAdamW, LazySGD, Rows
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -70,7 +70,7 @@ def _state(d, dtype, seed=0):
 
 
 def _compare(got, want, dtype):
-    for g_, w_ in zip(got, want):
+    for g_, w_ in zip(got, want, strict=True):
         err = float((g_.cpu().double() - w_.double()).abs().max() / w_.double().abs().max())
         assert err <= TOL[dtype], err
 
@@ -86,9 +86,9 @@ def test_adamw_triton_equals_reference(dtype, d):
         opt = LazyAdamW(lrs, weight_decay=0.1, backend=backend)
         rows = [x.clone().to(dev) for x in (w, m, v)]
         s = torch.tensor(STAMPS, device=dev)
-        opt.catch_up(*rows, s, 1800)
-        opt.step(*rows, s, grad.to(dev), 1800)
-        opt.materialize(*rows, s, 2600)
+        opt.catch_up(Rows(*rows, s), 1800)
+        opt.step(Rows(*rows, s), grad.to(dev), 1800)
+        opt.materialize(Rows(*rows, s), 2600)
         assert (s.cpu() == 2600).all()
         out[backend] = rows
     _compare(out["triton"], out["reference"], dtype)
@@ -105,8 +105,8 @@ def test_sgd_triton_equals_reference(dtype, momentum):
         opt = LazySGD(lrs, momentum=momentum, dampening=0.1, weight_decay=0.01, backend=backend)
         rows = [w.clone().to(dev), m.clone().to(dev) if momentum else None]
         s = torch.tensor(STAMPS, device=dev)
-        opt.step(rows[0], rows[1], None, s, grad.to(dev), 1800)
-        opt.materialize(rows[0], rows[1], None, s, 2999)
+        opt.step(Rows(rows[0], rows[1], None, s), grad.to(dev), 1800)
+        opt.materialize(Rows(rows[0], rows[1], None, s), 2999)
         out[backend] = [x for x in rows if x is not None]
     _compare(out["triton"], out["reference"], dtype)
 
@@ -125,7 +125,7 @@ def test_sgd_triton_first_step_equals_torch():
     opt = LazySGD(0.1, momentum=0.9, dampening=0.5, weight_decay=0.2, backend="triton")
     w, b = w0.clone().to(DEVICE), torch.zeros(6, 5, dtype=torch.float64, device=DEVICE)
     s = torch.zeros(6, dtype=torch.int64, device=DEVICE)
-    opt.step(w[:2], b[:2], None, s[:2], grad[:2].to(DEVICE), 1)  # views: written in place
-    opt.materialize(w, b, None, s, 3)
+    opt.step(Rows(w[:2], b[:2], None, s[:2]), grad[:2].to(DEVICE), 1)  # views: written in place
+    opt.materialize(Rows(w, b, None, s), 3)
     torch.testing.assert_close(w.cpu(), p.detach(), rtol=1e-14, atol=0)
     torch.testing.assert_close(b.cpu(), sgd.state[p]["momentum_buffer"], rtol=1e-14, atol=0)

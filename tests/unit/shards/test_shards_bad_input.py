@@ -214,9 +214,8 @@ def test_float_images_are_refused_with_the_file_named(tmp_path):
 @pytest.mark.parametrize("label", [b"-1", b"7"])
 def test_labels_out_of_range_are_refused(digits, tmp_path, label):
     """A negative label at indexing; a label ≥ the manifest's classes when read."""
-    import webdataset as wds
-
     import numpy as np
+    import webdataset as wds
 
     from diet_engine.storage.shards.sources import encode_png
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from diet_engine.kernels import Rows
 from diet_engine.storage.head import HeadMeta, HeadStore, HeadStoreReadOnlyError, Lookahead, RowBlock, head_init
 
 N, D, R = 300, 12, 64  # rows, dim, chunk rows (5 chunks, the last one partial)
@@ -136,9 +137,24 @@ class HeadStoreConformance:
         b.step.fill_(99)
         assert_rows(store, model)
 
+    def test_block_rows_are_the_block(self, make_store):
+        """`block.rows` (what the lazy optimizer takes) holds the block's own tensors: an in-place
+        update through it is an update of the block, and the store gets it on write."""
+        store, model = make_store(make_meta()), Model(make_meta(), 0)
+        b = store.read_rows(np.array([5, 70, 299]))
+        rows = b.rows
+        assert isinstance(rows, Rows) and rows._fields == ("weight", "exp_avg", "exp_avg_sq", "step")
+        assert all(x is y for x, y in zip(rows, (b.weight, b.exp_avg, b.exp_avg_sq, b.step), strict=True))
+        update(RowBlock(b.index, *rows), 4)  # in place, through the tuple's tensors
+        store.write_rows(b)
+        model.write(b)
+        assert_rows(store, model)
+        assert (store.step_stamps[b.index] == 4).all()
+
     @pytest.mark.parametrize(
         "bad",
-        [np.array([3, 1]), np.array([1, 1, 2]), np.array([-1, 2]), np.array([0, N]), np.zeros((2, 2), np.int64), np.array([0.5])],
+        [np.array([3, 1]), np.array([1, 1, 2]), np.array([-1, 2]), np.array([0, N]), np.zeros((2, 2), np.int64),
+         np.array([0.5])],
         ids=["unsorted", "duplicate", "negative", "past-end", "2-d", "float"],
     )
     def test_index_contract(self, make_store, bad):

@@ -22,8 +22,8 @@ from diet_engine.storage.head import (
     HeadStoreReadOnlyError,
     ZarrHeadStore,
     ZarrHeadStoreConfig,
+    zarr_layout,
 )
-from diet_engine.storage.head import zarr_layout
 
 
 def _committed_store(path, io=None):

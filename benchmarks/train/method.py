@@ -1,7 +1,7 @@
 """In training: s-DIET step time against supervised training of the same backbone on the same loader.
 
-    diet bench train-method                          # ResNet-18, 32 px, B = 256: memory head at N = 50,000, disk head at N = 1,281,167
-    python -m benchmarks.bench_train_method --steps 60 --rounds 2
+    diet bench train-method       # ResNet-18, 32 px, B = 256: memory head at N = 50,000, disk head at N = 1,281,167
+    python -m benchmarks.train.method --steps 60 --rounds 2   # the same without the CLI
 
 Supervised training is the physical limit of s-DIET's speed: same backbone, loader, augmentation and
 batch; s-DIET adds a gather of B head rows (caught up by the exact lazy AdamW), a B×B batch CE and a
@@ -24,11 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from benchmarks.train_runs import ROOT, ensure_synthetic, median, train, window_img_per_s  # noqa: E402
+from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.train.runs import ensure_synthetic, median, train, window_img_per_s
 
 BARS = {"memory": 1.05, "disk": 1.10}
 
@@ -46,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=0, help="loader workers (data.num_workers)")
     p.add_argument("--num-classes", type=int, default=1000, help="supervised classifier width")
-    p.add_argument("--work", default=str(ROOT / "benchmarks" / "_work"))
+    p.add_argument("--work", default=str(WORK))
     p.add_argument("--out", default=str(RESULTS))
 
 

@@ -3,15 +3,16 @@
     diet bench gpu                      # CUDA: all stages, ~8 min, writes results/gpu_summary.{md,json}
     diet bench gpu --stages ce,lazy     # a subset
     diet bench gpu --dry-run --out TMP  # CPU: every stage's code path on tiny sizes (CI)
+    python -m benchmarks.gpu ...        # the same without the CLI
 
 Stages, in sequence, each with a time budget (seconds); a stage that fails or overruns is recorded
 with its error and the next one runs, so one failure never loses the others' figures:
     tests    `pytest -q -m gpu tests` in a subprocess (pass/fail counts)
-    ce       benchmarks/bench_batch_ce.py --quick: fused batch CE vs eager vs torch.compile
+    ce       `diet bench batch-ce --quick`: fused batch CE vs eager vs torch.compile
     lazy     lazy AdamW catch_up + step of the B rows a step touches vs dense torch.optim.AdamW on
              the same B rows and on all N rows (N = 1,281,167, d = 2048 fp32 if memory allows)
-    memory   benchmarks/memory/harness.py --preset gpu-resnet50, methods a (DIET full CE), c (s-DIET
-             disk head) at two N, e (supervised): peak allocated / reserved
+    memory   `diet bench memory --preset gpu-resnet50`, methods a (DIET full CE), c (s-DIET disk head)
+             at two N, e (supervised): peak allocated / reserved
     e2e      `diet train` img/s, s-DIET (disk head) vs supervised, alternating rounds (bar ≥ 0.95)
 """
 
@@ -28,12 +29,8 @@ import time
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, ROOT, machine_stamp, markdown_table, write_report
 
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_report  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("tests", "ce", "lazy", "memory", "e2e")
 BUDGET_S = {"tests": 90, "ce": 90, "lazy": 60, "memory": 150, "e2e": 150}  # GPU; ≈ 8 min in all
 
@@ -61,12 +58,12 @@ def stage_tests(a, budget: float) -> dict:
 
 
 def stage_ce(a, budget: float) -> dict:
-    from benchmarks import bench_batch_ce as ce  # noqa: PLC0415
+    from benchmarks.kernels import batch_ce as ce  # noqa: PLC0415
 
     p = argparse.ArgumentParser()
     ce.add_arguments(p)
     argv = ["--quick"] + (["--dtypes", "fp32", "--reps", "1"] if a.dry_run else ["--rep-ms", "100"])
-    rows = ce.run(p.parse_args(argv))
+    rows = ce.measure(p.parse_args(argv))
     keep = ("dtype", "B", "M", "d", "eager_ms", "compile_ms", "fused_ms", "vs_eager", "vs_compile",
             "eager_MiB", "fused_MiB", "mem_vs_eager")
     return {"ok": bool(rows), "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
@@ -74,8 +71,6 @@ def stage_ce(a, budget: float) -> dict:
 
 def _time_ms(fn, dev, reps: int) -> float:
     """Median ms of fn(); CUDA: triton.testing.do_bench (synchronised, warmed up)."""
-    import torch  # noqa: PLC0415
-
     if dev.type == "cuda":
         import triton.testing  # noqa: PLC0415
 
@@ -86,7 +81,6 @@ def _time_ms(fn, dev, reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    del torch
     return sorted(ts)[len(ts) // 2]
 
 
@@ -94,7 +88,7 @@ def stage_lazy(a, budget: float) -> dict:
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from diet_engine.kernels.lazy_optim import LazyAdamW  # noqa: PLC0415
+    from diet_engine.kernels.lazy_optim import LazyAdamW, Rows  # noqa: PLC0415
 
     dev = torch.device("cpu" if a.dry_run else "cuda")
     N, B, d = (2_000, 16, 32) if a.dry_run else (1_281_167, 256, 2048)
@@ -111,13 +105,13 @@ def stage_lazy(a, budget: float) -> dict:
     rng = np.random.default_rng(0)
     stamps = torch.from_numpy(t - (rng.integers(0, epoch, B) + rng.integers(0, epoch, B)).clip(1)).to(dev)
     opt = LazyAdamW(lrs, weight_decay=0.05, backend=backend)
-    opt.catch_up(w0.clone(), m0.clone(), v0.clone(), stamps.clone(), t)  # fills the per-stamp cache (steady)
+    opt.catch_up(Rows(w0.clone(), m0.clone(), v0.clone(), stamps.clone()), t)  # fills the per-stamp cache (steady)
     bufs = [w0.clone(), m0.clone(), v0.clone(), stamps.clone()]
 
     def lazy():
         w, m, v, s = bufs[0].copy_(w0), bufs[1].copy_(m0), bufs[2].copy_(v0), bufs[3].copy_(stamps)
-        opt.catch_up(w, m, v, s, t)
-        opt.step(w, m, v, s, grad, t)
+        opt.catch_up(Rows(w, m, v, s), t)
+        opt.step(Rows(w, m, v, s), grad, t)
 
     def dense_step(n_rows: int):
         p = torch.nn.Parameter(torch.zeros(n_rows, d, device=dev))
@@ -163,7 +157,7 @@ def stage_memory(a, budget: float) -> dict:
 
 
 def stage_e2e(a, budget: float) -> dict:
-    from benchmarks.train_runs import ensure_synthetic, median, train, window_img_per_s  # noqa: PLC0415
+    from benchmarks.train.runs import ensure_synthetic, median, train, window_img_per_s  # noqa: PLC0415
 
     if a.dry_run:
         n, size, backbone, batch, steps, log_every, rounds = 64, 8, "resnet18", 8, 4, 2, 1
@@ -281,8 +275,10 @@ def _headline(stage: str, r: dict) -> str:
         return "; ".join(f"{x['dtype']} d={x['d']}: fused {x['vs_eager']:.2f}× eager, {x['vs_compile']:.2f}× compile"
                          for x in r["rows"])
     if stage == "lazy":
+        dense_n = r["dense_N_rows_ms"]  # a number, or why it was skipped
+        dense_n = dense_n if isinstance(dense_n, str) else f"{dense_n:.3g} ms"
         return (f"lazy {r['lazy_catch_up_step_ms']:.3g} ms = {r['lazy_vs_dense_B']:.2f}× dense AdamW on B rows; "
-                f"dense on N rows: {r['dense_N_rows_ms'] if isinstance(r['dense_N_rows_ms'], str) else f'%.3g ms' % r['dense_N_rows_ms']}")
+                f"dense on N rows: {dense_n}")
     if stage == "e2e":
         return f"s-DIET/supervised img/s = {r['ratio']:.3f} (bar ≥ 0.95: {r['bar_0.95']})"
     return f"{len(r.get('rows', []))} rows"

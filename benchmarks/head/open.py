@@ -9,8 +9,9 @@ evicted) and warm: the whole open, and each verification step timed on its own i
 with its share of the open. Plus `diet head verify`'s rate (every row read and its crc32c checked)
 on the first `--verify-rows` rows, cold.
 
-    python benchmarks/bench_head_open.py                               # N = 1,281,167, d = 2048 (31.5 GB of disk)
-    python benchmarks/bench_head_open.py --num-rows 100000 --dim 256   # scaled down
+    diet bench head-open                               # N = 1,281,167, d = 2048 (31.5 GB of disk)
+    diet bench head-open --num-rows 100000 --dim 256   # scaled down
+    python -m benchmarks.head.open ...                 # the same without the CLI
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_head_common import WORK, disk_stamp, evict, load_average  # noqa: E402
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from diet_engine.storage.head import HeadMeta, ZarrHeadStore  # noqa: E402
-from diet_engine.storage.head.zarr_layout import check_chunk_files, check_missing_chunks  # noqa: E402
-
-GB = 1e9
+from benchmarks.common import (
+    GB,
+    RESULTS,
+    WORK,
+    disk_stamp,
+    evict,
+    load_average,
+    machine_stamp,
+    markdown_table,
+    write_csv,
+    write_report,
+)
+from diet_engine.storage.head import HeadMeta, ZarrHeadStore
+from diet_engine.storage.head.zarr_layout import check_chunk_files, check_missing_chunks
 
 
 def _store_files(path: Path) -> list[Path]:
@@ -83,8 +89,7 @@ def verify_rate(path: Path, rows: int) -> dict:
     return {"verify_rows": int(idx.size), "verify_rows_per_s": idx.size / dt, "verify_GBps": nbytes / dt / GB}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-rows", type=int, default=1_281_167)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--chunk-rows", type=int, default=1000)
@@ -92,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--verify-rows", type=int, default=100_000)
     p.add_argument("--dir", type=Path, default=WORK / "head_open")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards (and reuse a kept one)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
+
+def run(args: argparse.Namespace) -> int:
     n, d = args.num_rows, args.dim
     meta = HeadMeta(num_rows=n, dim=d, optimizer={"kind": "adamw"}, chunk_rows=args.chunk_rows)
     path = args.dir / "head.zarr"
@@ -126,12 +133,19 @@ def main(argv: list[str] | None = None) -> None:
             f"{rate['verify_rows_per_s']:,.0f} rows/s, {rate['verify_GBps']:.2f} GB/s of rows read and checked.\n\n"
             f"Load average at start: {load_start}; at end: {load_average()}.\n")
     config = {"num_rows": n, "dim": d, "chunk_rows": args.chunk_rows, "repeats": args.repeats}
-    write_csv(RESULTS / "head_open.csv", rows + [{"cache": "verify", **rate}])
-    write_report("head_open", "Head store: cost of opening and verifying it", body, stamp, config)
+    write_csv(args.out / "head_open.csv", rows + [{"cache": "verify", **rate}])
+    write_report("head_open", "Head store: cost of opening and verifying it", body, stamp, config, out_dir=args.out)
     print(body)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """ShardLoader vs torchvision ImageFolder + DataLoader on the same JPEGs, 224 px, DIET augmentation.
 
-    python benchmarks/bench_loader_imagefolder.py                      # 2,000 JPEGs, strengths 2 and 3
-    python benchmarks/bench_loader_imagefolder.py --num-images 5000 --workers 2 --strengths 3
+    diet bench loader-imagefolder                      # 2,000 JPEGs, strengths 2 and 3
+    diet bench loader-imagefolder --num-images 5000 --workers 2 --strengths 3
+    python -m benchmarks.loader.imagefolder ...        # the same without the CLI
 
 1. Generates N natural-looking JPEGs (300–500 px sides, 1/f² colour noise plus blurred shapes,
    quality 90) into an ImageFolder tree of 10 classes under benchmarks/_work/ (kept for reruns).
@@ -27,6 +28,7 @@ Writes benchmarks/results/loader_vs_imagefolder.{md,csv,json}; ratio = ShardLoad
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import subprocess
@@ -36,13 +38,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, ROOT, WORK, evict, machine_stamp, markdown_table, write_csv, write_report
+from diet_engine.engine.augment import make_train_transform
+from diet_engine.storage.shards import ShardLoader
 
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 SKIP_BATCHES = 4  # worker start-up and pipeline fill, excluded from the steady-state rate
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -50,10 +55,6 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # --------------------------------------------------------------------------- data
 def _natural_image(seed: int) -> bytes:
     """A JPEG with natural-image statistics: 1/f² spectrum colour noise plus a few soft shapes."""
-    import io
-
-    from PIL import Image, ImageDraw, ImageFilter
-
     rng = np.random.default_rng(seed)
     h, w = (int(v) for v in rng.integers(300, 501, 2))
     fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
@@ -113,38 +114,17 @@ def prepare_shards(images: Path, out: Path, shard_size: int) -> Path:
 
 # --------------------------------------------------------------------------- loaders
 def _ours(shards: Path, strength: int, batch: int, workers: int):
-    from diet_engine.engine.augment import make_train_transform
-    from diet_engine.storage.shards import ShardLoader
-
     t = make_train_transform(224, strength, IMAGENET_MEAN, IMAGENET_STD, channels=3)
     loader = ShardLoader(shards, batch, t, seed=0, num_workers=workers)
     return lambda epoch: loader.epoch(epoch)
 
 
 def _imagefolder(images: Path, strength: int, batch: int, workers: int):
-    import torch
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    from diet_engine.engine.augment import make_train_transform
-
     t = v2.Compose([v2.PILToTensor(), make_train_transform(224, strength, IMAGENET_MEAN, IMAGENET_STD, channels=3)])
     ds = ImageFolder(str(images), transform=t)
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=False,
                     persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
     return lambda epoch: iter(dl)
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop these files' pages from the page cache (clean pages only: fdatasync first)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _epoch_rate(make_iter, epoch: int, cold: list[Path] | None = None, skip: int = SKIP_BATCHES) -> tuple[float, float]:
@@ -165,8 +145,6 @@ def _epoch_rate(make_iter, epoch: int, cold: list[Path] | None = None, skip: int
 
 def cpu_cost(images: Path, shards: Path, strength: int, batch: int, n_images: int, repeats: int) -> dict:
     """CPU ms per image of each pipeline in-process (num_workers=0), interleaved, median."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -205,8 +183,7 @@ def measure(images: Path, shards: Path, strength: int, batch: int, workers: int,
             "imagefolder_runs": [round(v, 1) for v in r_base]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-images", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=200, help="samples per shard (≥ 2 shards per worker)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -215,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per loader")
     ap.add_argument("--cpu-images", type=int, default=640, help="images per CPU-cost measurement")
     ap.add_argument("--cache", default="warm,cold", help="page-cache states to measure: warm, cold or both")
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "_work" / "loader_imagefolder"))
+    ap.add_argument("--work", default=str(WORK / "loader_imagefolder"))
     ap.add_argument("--out", default=str(RESULTS))
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
 
     work = Path(a.work)
     t0 = time.perf_counter()
@@ -239,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["strength", "cache", "workers", "batch", "shardloader_img_s", "imagefolder_img_s", "ratio",
             "shardloader_start_s", "imagefolder_start_s"]
     table = markdown_table(rows, cols, ["strength", "page cache", "workers", "batch", "ShardLoader img/s",
-                                        "ImageFolder+DataLoader img/s", "ratio", f"ShardLoader s to batch {SKIP_BATCHES}",
+                                        "ImageFolder+DataLoader img/s", "ratio",
+                                        f"ShardLoader s to batch {SKIP_BATCHES}",
                                         f"ImageFolder s to batch {SKIP_BATCHES}"])
     body = (f"{a.num_images} JPEGs (300–500 px, {folder_mb:.0f} MB; shards {shard_mb:.0f} MB in "
             f"{-(-a.num_images // a.shard_size)} tars), RandomResizedCrop to 224 + the DIET augmentation of the "
@@ -249,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{a.repeats} epochs per loader, interleaved, after a warm-up epoch. Bar: ratio ≥ 1.0.\n\n" + table +
             f"\n\nCPU cost per image (num_workers=0, one thread, first {a.cpu_images} images of an epoch, median of "
             f"{a.repeats}; insensitive to other processes' load):\n\n" + cpu_table +
-            f"\n\nPer-epoch img/s: " + "; ".join(
-                f"strength {r['strength']} {r['cache']}: ours {r['shardloader_runs']}, ImageFolder {r['imagefolder_runs']}"
+            "\n\nPer-epoch img/s: " + "; ".join(
+                f"strength {r['strength']} {r['cache']}: ours {r['shardloader_runs']}, "
+                f"ImageFolder {r['imagefolder_runs']}"
                 for r in rows) +
             f"\n\nImage generation {gen_s:.0f} s (cached afterwards), `diet prepare folder` {prep_s:.1f} s.")
     config = {"num_images": a.num_images, "shard_size": a.shard_size, "batch_size": a.batch_size,
@@ -263,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                         body, machine_stamp("cpu"), config, rows, extra={"cpu_rows": cpu_rows}, out_dir=out)
     print(path.read_text())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,30 +7,25 @@ for every ε, with the kNN accuracy (k = 20, cosine, T = 0.07) of the backbone's
 split after every epoch (epoch 0 = random init). Images are kept at the digits' native 8 px so the
 three runs take a few CPU minutes (`--image-size 16` is the `diet train` preset's size).
 
-    diet bench label-smoothing      # or: python benchmarks/bench_paper_checks_label_smoothing.py
+    diet bench label-smoothing      # or: python -m benchmarks.paper.label_smoothing
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-
+from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
 
 FEW_SHOT = 5  # labelled bank samples per class of the few-shot kNN
 
 
-def few_shot_bank(labels, per_class: int = FEW_SHOT) -> "object":
+def few_shot_bank(labels, per_class: int = FEW_SHOT) -> object:
     """Positions of the first `per_class` samples of each class (manifest order: fixed across runs)."""
     import torch  # noqa: PLC0415
 
@@ -94,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from diet_engine.launch.presets import digits  # noqa: PLC0415
 
     out = Path(args.out or RESULTS)
-    work = Path(args.work or (REPO / "benchmarks" / "_work" / "label_smoothing"))
+    work = Path(args.work or (WORK / "label_smoothing"))
     smoothings = [float(e) for e in args.smoothing.split(",")]
     curves: dict[float, list[dict]] = {}
     t0 = time.perf_counter()
@@ -114,8 +109,6 @@ def run(args: argparse.Namespace) -> int:
         cfg.head.label_smoothing = eps
         cfg.eval.enabled = False
         cfg.validate()
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(cfg.train.run_dir, ignore_errors=True)
         curves[eps] = train_with_knn(cfg, log=lambda s: print(s, flush=True))
     wall = time.perf_counter() - t0
@@ -186,8 +179,9 @@ def _plot(curves, path: Path, args) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     shades = plt.cm.Blues(np.linspace(0.4, 0.95, len(curves)))
-    for ax, key, title in zip(axes, ("knn", "knn_few"), ("kNN, full bank (k=20)", f"{FEW_SHOT}-shot kNN")):
-        for (eps, curve), color in zip(sorted(curves.items()), shades):
+    for ax, key, title in zip(axes, ("knn", "knn_few"), ("kNN, full bank (k=20)", f"{FEW_SHOT}-shot kNN"),
+                                strict=True):
+        for (eps, curve), color in zip(sorted(curves.items()), shades, strict=True):
             ax.plot([c["epoch"] for c in curve], [100 * c[key] for c in curve], "o-", color=color,
                     label=f"ε = {eps}")
         ax.set_xlabel("epoch")

@@ -1,7 +1,8 @@
 """`diet train` throughput with 1 and 2 ranks on this machine (CPU: gloo; CUDA: nccl), via `diet launch`.
 
-    python benchmarks/bench_train_ranks.py                         # resnet18 on digits, 16 px
-    python benchmarks/bench_train_ranks.py --backbone resnet50 --image-size 32 --steps 30
+    diet bench train-ranks                         # resnet18 on digits, 16 px
+    diet bench train-ranks --backbone resnet50 --image-size 32 --steps 30
+    python -m benchmarks.train.ranks ...           # the same without the CLI
 
 Cases, each a real `diet launch --nproc_per_node K train ...` (DeepSpeed launcher, ZeRO-0 unless
 --zero-stage, lazy head in RAM, no evaluation):
@@ -30,12 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import RESULTS, ROOT, WORK, machine_stamp, markdown_table, write_csv, write_report
 
 
 def run_case(work: Path, data: Path, name: str, ranks: int, batch: int, batch_ce: str, threads: int | None,
@@ -43,7 +39,8 @@ def run_case(work: Path, data: Path, name: str, ranks: int, batch: int, batch_ce
     run = work / f"run-{name}"
     shutil.rmtree(run, ignore_errors=True)  # here, not `train --overwrite`: every rank would delete it
     env_args = ["--env", f"OMP_NUM_THREADS={threads}"] if threads else []
-    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "launch", "--nproc_per_node", str(ranks), *env_args, "train", "--no-eval",
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "launch", "--nproc_per_node", str(ranks), *env_args,
+           "train", "--no-eval",
            f"--data.manifest={data / 'train'}", "--data.eval_test_manifest=",
            "--data.eval_train_manifest=", "--data.prepare_digits=false", f"--data.image_size={a.image_size}",
            f"--model.backbone={a.backbone}", f"--train.batch_size={batch}", "--train.epochs=1000",
@@ -67,8 +64,7 @@ def run_case(work: Path, data: Path, name: str, ranks: int, batch: int, batch_ce
             "windows_img_per_s": [round(w, 1) for w in windows], "wall_s": round(wall, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=64, help="B: the 1-rank batch")
@@ -77,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all cases; the median round is reported")
     ap.add_argument("--zero-stage", type=int, default=0)
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "_work" / "train_ranks"))
+    ap.add_argument("--work", default=str(WORK / "train_ranks"))
     ap.add_argument("--out", default=str(RESULTS))
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     if a.batch_size % 2:
-        ap.error("--batch-size must be even (2 ranks get half each)")
+        raise ValueError(f"--batch-size {a.batch_size}: must be even (2 ranks get half each)")
 
     from diet_engine.storage.shards import prepare_digits  # noqa: PLC0415
 
@@ -116,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{cpu} cores (OMP_NUM_THREADS = {cpu} / ranks), so the 2-rank rows show the cost of data "
                "parallelism (gloo all-reduce of the backbone gradients every step, and for global CE the "
                "row all-gather + gradient reduce), not a speed-up.\n\n" if not _cuda() else "")
-            + "Per-window img/s of the reported run: " + "; ".join(f"{r['case']}: {r['windows_img_per_s']}" for r in rows)
+            + "Per-window img/s of the reported run: "
+            + "; ".join(f"{r['case']}: {r['windows_img_per_s']}" for r in rows)
             + "\n\nimg/s of every round: " + "; ".join(f"{r['case']}: {r['runs_img_per_s']}" for r in rows))
     config = {"backbone": a.backbone, "image_size": a.image_size, "batch_size_1rank": b, "steps": a.steps,
               "log_every": a.log_every, "repeats": a.repeats, "zero_stage": a.zero_stage, "precision": a.precision,
@@ -141,9 +140,15 @@ def _median_rows(rows: list[dict], names: list[str]) -> list[dict]:
 
 
 def _cuda() -> bool:
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - the launched ranks import it; this process only asks
 
     return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Data: the embedded digits (scikit-learn's 8×8 digits upscaled to 16 px, N = 1,7
 Gaussian images (16 px by default, to keep CPU time to a few minutes; `--synthetic-px 32` for
 CIFAR's size) with N = 50,000 (CIFAR-100's size: only the drawn batches are generated).
 
-    diet bench grad-cosine    # or: python benchmarks/bench_paper_checks_grad_cosine.py
+    diet bench grad-cosine    # or: python -m benchmarks.paper.grad_cosine
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
+from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report
 
 PAPER_RN18 = {64: 0.9944, 128: 0.9965, 256: 0.9975, 512: 0.9980}
 
@@ -76,10 +73,9 @@ def backbone_grad_cosine(model, head: torch.Tensor, x: torch.Tensor, index: torc
 
 
 def run(args: argparse.Namespace) -> int:
+    from diet_engine.engine.config import ModelConfig  # noqa: PLC0415
     from diet_engine.engine.model import build_model  # noqa: PLC0415
     from diet_engine.storage.head import head_init  # noqa: PLC0415
-
-    from diet_engine.engine.config import ModelConfig  # noqa: PLC0415
 
     out = Path(args.out or RESULTS)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

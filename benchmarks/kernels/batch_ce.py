@@ -11,8 +11,9 @@ so it includes the returned gradients (`grads` column). Bars checked: fused neve
 slower than eager; at B = 4096, M = 65,536: ≥ 1.2× eager, within 10% of compile, peak extra
 memory ≤ 10% of eager's.
 
-    python benchmarks/bench_batch_ce.py            # GPU: full grid, ~15 min (compiles per shape)
-    python benchmarks/bench_batch_ce.py --quick    # GPU: B = 4096, M = 65,536 only
+    diet bench batch-ce            # GPU: full grid, ~15 min (compiles per shape)
+    diet bench batch-ce --quick    # GPU: B = 4096, M = 65,536 only
+    python -m benchmarks.kernels.batch_ce ...      # the same without the CLI
 
 `fused_ws256` is the fused path with a 256 MiB logits chunk instead of the default budget: the
 time / memory trade-off of the chunk size (`--workspace-mib` sets the list).
@@ -31,11 +32,8 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `kernels` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from diet_engine.kernels.batch_ce import batch_cross_entropy_reference  # noqa: E402
+from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report
+from diet_engine.kernels.batch_ce import batch_cross_entropy_reference
 
 EPS, SCALE = 0.8, 10.0
 MiB = 2**20
@@ -120,7 +118,8 @@ def _grid(device: str, quick: bool) -> list[tuple[int, int, int]]:
     return [(B, M, d) for B in (256, 1024, 4096) for M in (B, 16_384, 65_536) for d in (512, 2048)]
 
 
-def run(args) -> list[dict]:
+def measure(args: argparse.Namespace) -> list[dict]:
+    """One row per (dtype, B, M, d) of the grid: time (and on GPU peak memory) of every implementation."""
     device = "cuda" if _has_gpu() else "cpu"
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     rows_out = []
@@ -211,23 +210,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (CPU)")
     p.add_argument("--workspace-mib", type=int, nargs="*", default=[256],
                    help="GPU: also time the fused path with these logits-chunk budgets (MiB)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     gpu = _has_gpu()
-    rows = run(args)
+    rows = measure(args)
     name = "batch_ce" if gpu else "batch_ce.cpu"
     impls = [k[:-3] for k in rows[0] if k.endswith("_ms")]
     cols = ["dtype", "B", "M", "d"] + [f"{i}_ms" for i in impls]
     if gpu:
         cols += [f"{i}_MiB" for i in impls]
         cols += ["grads_MiB", "vs_eager", "vs_compile", "mem_vs_eager", "loss_diff"]
-    write_csv(RESULTS / f"{name}.csv", rows, cols)
-    _plot(rows, RESULTS / f"{name}.png")
+    write_csv(args.out / f"{name}.csv", rows, cols)
+    _plot(rows, args.out / f"{name}.png")
     body = [
         "Forward + backward of `cross_entropy(scale · Z Rᵀ, target, label_smoothing=0.8)`, "
         f"scale = {SCALE}, unit-norm rows. Times: median ms"
@@ -245,7 +241,7 @@ def main(argv=None) -> None:
     if not gpu:
         body.insert(1, "\n**No GPU here**: only the reference path (what `batch_cross_entropy` runs "
                        "on CPU) is timed, on small sizes. The fused-vs-PyTorch figures and the bars "
-                       "need a CUDA GPU: run `python benchmarks/bench_batch_ce.py` there.")
+                       "need a CUDA GPU: run `diet bench batch-ce` there.")
     config = {"eps": EPS, "scale": SCALE, "dtypes": args.dtypes, "quick": args.quick,
               "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "reps_cpu": args.reps,
               "workspace_mib": args.workspace_mib}
@@ -253,9 +249,17 @@ def main(argv=None) -> None:
         import triton  # noqa: PLC0415
 
         config["triton"] = triton.__version__
-    md = write_report(name, "Fused batch cross-entropy", "\n".join(body), machine_stamp(), config, rows)
+    md = write_report(name, "Fused batch cross-entropy", "\n".join(body), machine_stamp(), config, rows,
+                      out_dir=args.out)
     print(md.read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

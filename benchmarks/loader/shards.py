@@ -11,8 +11,9 @@ Measures, on synthetic 8×8 gray PNG shards (N samples, shards of 1000):
                without a transform and with the DIET strength-3 transform at 32×32 (ratio vs
                num_workers=0 of the same transform).
 
-    python benchmarks/bench_loader.py                 # N = 100,000 (~1–2 min on 2 cores)
-    python benchmarks/bench_loader.py --full          # N = 1,281,167 (ImageNet-1k size; 3.7 GB)
+    diet bench loader                 # N = 100,000 (~1–2 min on 2 cores)
+    diet bench loader --full          # N = 1,281,167 (ImageNet-1k size; 3.7 GB)
+    python -m benchmarks.loader.shards ...   # the same without the CLI
 
 Writes benchmarks/results/loader.{md,csv,json}. The shards go to a temporary folder (or --work).
 """
@@ -31,15 +32,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
+from PIL import Image
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `storage` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from diet_engine.engine.augment import make_train_transform  # noqa: E402
-from diet_engine.storage.shards import Manifest, ShardLoader, index_shards, prepare_digits, prepare_synthetic  # noqa: E402
-from diet_engine.storage.shards.sources import encode_png  # noqa: E402
-from diet_engine.storage.shards.writer import TarShard  # noqa: E402
+from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report
+from diet_engine.engine.augment import make_train_transform
+from diet_engine.storage.shards import Manifest, ShardLoader, index_shards, prepare_digits, prepare_synthetic
+from diet_engine.storage.shards.sources import encode_png
+from diet_engine.storage.shards.writer import TarShard
 
 
 def _median_time(fn, repeats: int = 3) -> float:
@@ -52,9 +52,6 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 def bench_encoders(work: Path, n: int = 5000) -> list[dict]:
-    import webdataset as wds  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
-
     imgs = np.random.default_rng(0).integers(0, 256, (n, 8, 8), dtype=np.uint8)
     pngs = [encode_png(x, level=1) for x in imgs]
 
@@ -105,14 +102,16 @@ def bench_loader(manifest: Manifest, batch: int, batches: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--full", action="store_true", help="N = 1,281,167")
-    ap.add_argument("--num-samples", type=int, default=100_000)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=40, help="timed batches per loader configuration")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    args = ap.parse_args()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--full", action="store_true", help="N = 1,281,167")
+    p.add_argument("--num-samples", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batches", type=int, default=40, help="timed batches per loader configuration")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+
+
+def run(args: argparse.Namespace) -> int:
     n = 1_281_167 if args.full else args.num_samples
     load_at_start = round(os.getloadavg()[0], 2)  # other processes on the machine skew every number
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_loader-"))
@@ -151,11 +150,18 @@ def main() -> None:
     config = {"num_samples": n, "shard_size": 1000, "batch_size": args.batch_size, "batches": args.batches,
               "load_average_1m_at_start": load_at_start}
     stamp = machine_stamp("cpu")
-    write_csv(RESULTS / "loader.csv", rows)
+    write_csv(args.out / "loader.csv", rows)
     path = write_report("loader", "Dataset shards: prepare, index and loader throughput", body, stamp, config,
-                        rows=rows, extra={"encoders": enc, "prepare": prep})
+                        rows=rows, extra={"encoders": enc, "prepare": prep}, out_dir=args.out)
     print(path.read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ Adam is reset after the first step (Appendix A.1.5: the gradient of normalising 
 Reported: the alignments ‖W u_1‖ and ‖W v_1‖ over training, and their ratio. Theorem 3 predicts
 ‖W v‖/‖W u‖ ≈ (σ_u² + (C−1)φ²/d)/(σ_v² + (C−1)φ²/d) ≈ 0.01 without normalisation and Θ(1) with it.
 
-    diet bench toy            # or: python benchmarks/bench_paper_checks_toy.py
+    diet bench toy            # or: python -m benchmarks.paper.toy
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
+from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """End to end at ImageNet-1k scale: `diet train` on N = 1,281,167 synthetic samples, d = 2048 head on disk.
 
-    python benchmarks/bench_train_scale.py                          # ≈ 31.5 GB store; needs ≈ 40 GB free disk
-    python benchmarks/bench_train_scale.py --num-samples 100000 --steps 300 --checkpoint-every 100
+    diet bench train-scale                          # ≈ 31.5 GB store; needs ≈ 40 GB free disk
+    diet bench train-scale --num-samples 100000 --steps 300 --checkpoint-every 100
+    python -m benchmarks.train.scale ...            # the same without the CLI
 
 What it does, as a user would:
   1. `diet prepare synthetic` N images (size × size, 1 channel) unless already there (timed);
@@ -27,11 +28,8 @@ import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from benchmarks.train_runs import GB, ROOT, ensure_synthetic, median, startup_s, train, window_img_per_s  # noqa: E402
+from benchmarks.common import GB, RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.train.runs import ensure_synthetic, median, startup_s, train, window_img_per_s
 
 
 def _store_bytes(n: int, d: int) -> int:
@@ -51,8 +49,7 @@ def _summary(case: str, r: dict, batch: int) -> dict:
             "wall_s": r["wall_s"], "killed": r["killed"], "windows_img_per_s": [round(x, 1) for x in w]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-samples", type=int, default=1_281_167)
     ap.add_argument("--image-size", type=int, default=8)
     ap.add_argument("--dim", type=int, default=2048, help="head width d (projector output)")
@@ -62,17 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1, help="loader workers (data.num_workers)")
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "_work"))
+    ap.add_argument("--work", default=str(WORK))
     ap.add_argument("--keep", action="store_true", help="keep the run folder (and its store) afterwards")
     ap.add_argument("--out", default=str(RESULTS))
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     if a.steps % a.checkpoint_every:
-        ap.error("--steps must be a multiple of --checkpoint-every (the resume starts there)")
+        raise ValueError(f"--steps {a.steps} must be a multiple of --checkpoint-every {a.checkpoint_every} "
+                         "(the resume starts there)")
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    run = work / "train_scale-run"
-    shutil.rmtree(run, ignore_errors=True)
+    run_dir = work / "train_scale-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
     need = _store_bytes(a.num_samples, a.dim)
     free = shutil.disk_usage(work).free
     data = work / f"synth-{a.num_samples}-{a.image_size}px"
@@ -90,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             f"--train.log_every={a.log_every}", f"--train.checkpoint_every={a.checkpoint_every}",
             "--head.loss=batch", "--head.store=disk"]
     load0 = os.getloadavg()[0]
-    first = train(run, args, kill_at_step=kill_at)
+    first = train(run_dir, args, kill_at_step=kill_at)
     if not first["killed"]:
         raise RuntimeError(f"the run ended before step {kill_at} was logged: no kill landed")
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    second = train(run, [*args, "--train.resume=true"])
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    second = train(run_dir, [*args, "--train.resume=true"])
     resume_startup_s = startup_s(second, a.log_every, a.batch_size)  # head recovery included
-    store_path = run / "head.zarr"
+    store_path = run_dir / "head.zarr"
     store_GB = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()) / GB if store_path.exists() else None
     create_s = startup_s(first, a.log_every, a.batch_size)  # creating the store: N × d weights written
     rows = [_summary("train (SIGKILLed)", first, a.batch_size), _summary("resume", second, a.batch_size)]
@@ -132,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                         body, machine_stamp(), config, rows, out_dir=out)
     print(path.read_text())
     if not a.keep:
-        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0 if peak <= 6 and ok_resume else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """In training: `diet train` step time with the head on disk (Zarr store) vs in memory, same config.
 
-    python benchmarks/bench_train_head_store.py                      # N = 1,281,167 synthetic, resnet18, B = 256
-    python benchmarks/bench_train_head_store.py --num-samples 100000 --steps 100
+    diet bench train-head-store                      # N = 1,281,167 synthetic, resnet18, B = 256
+    diet bench train-head-store --num-samples 100000 --steps 100
+    python -m benchmarks.train.head_store ...        # the same without the CLI
 
 Both cases are real `diet train` runs (batch CE, exact lazy AdamW, no evaluation) on the same
 synthetic shards (prepared with `diet prepare synthetic` if missing), with the same seed, backbone,
@@ -20,15 +21,11 @@ import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from benchmarks.train_runs import ROOT, ensure_synthetic, median, train, window_img_per_s  # noqa: E402
+from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.train.runs import ensure_synthetic, median, train, window_img_per_s
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-samples", type=int, default=1_281_167)
     ap.add_argument("--image-size", type=int, default=8)
     ap.add_argument("--backbone", default="resnet18")
@@ -37,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="loader workers (data.num_workers)")
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "_work"))
+    ap.add_argument("--work", default=str(WORK))
     ap.add_argument("--out", default=str(RESULTS))
-    a = ap.parse_args(argv)
 
+
+def run(a: argparse.Namespace) -> int:
     work = Path(a.work)
     data = work / f"synth-{a.num_samples}-{a.image_size}px"
     prep_s = ensure_synthetic(data, a.num_samples, a.image_size)
@@ -52,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {"memory": [], "disk": []}
     for _ in range(a.rounds):
         for store in ("memory", "disk"):
-            run = work / f"train_head_store-{store}"
-            shutil.rmtree(run, ignore_errors=True)
-            r = train(run, [*common, f"--head.store={store}"])
+            run_dir = work / f"train_head_store-{store}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            r = train(run_dir, [*common, f"--head.store={store}"])
             w = window_img_per_s(r["rows"])
             last = r["rows"][-1]
             runs[store].append({"img_per_s": median(w), "windows": [round(x, 1) for x in w], "wall_s": r["wall_s"],
                                 "peak_rss_GB": r["peak_rss_tree_GB"],
                                 "read_stall_s": last.get("head/read_stall_s", 0.0),
                                 "write_stall_s": last.get("head/write_stall_s", 0.0)})
-            shutil.rmtree(run, ignore_errors=True)  # the disk case's store: N·d·3·4 bytes
+            shutil.rmtree(run_dir, ignore_errors=True)  # the disk case's store: N·d·3·4 bytes
     rows = []
     for store, rs in runs.items():
         rs = sorted(rs, key=lambda x: x["img_per_s"])
@@ -96,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                         config, rows, out_dir=out)
     print(path.read_text())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ Before each method the store's files are written back and evicted from the page 
 (posix_fadvise DONTNEED), so both start cold. zarr touches every chunk on every batch, so after its
 first batch it reads from the page cache; ours reads fresh rows every batch (never cached by our
 store), i.e. from the disk: the comparison is conservative for ours. The disk at scale is measured
-by bench_head_scale.py. Bar: ours ≥ 50× faster than zarr oindex.
+by `diet bench head-scale`. Bar: ours ≥ 50× faster than zarr oindex.
 
-    python benchmarks/bench_head_gather_scatter.py [--num-rows 100000] [--dim 2048] [--keep]
+    diet bench head-gather-scatter [--num-rows 100000] [--dim 2048] [--keep]
+    python -m benchmarks.head.gather_scatter ...      # the same without the CLI
 """
 
 from __future__ import annotations
@@ -30,20 +31,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_head_common import WORK, disk_stamp, evict, load_average  # noqa: E402
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from diet_engine.storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
+from benchmarks.common import (
+    RESULTS,
+    WORK,
+    disk_stamp,
+    evict,
+    load_average,
+    machine_stamp,
+    markdown_table,
+    write_csv,
+    write_report,
+)
+from diet_engine.storage.head import HeadMeta, Lookahead, ZarrHeadStore, ZarrHeadStoreConfig
+from diet_engine.storage.head.checksums import row_crcs
 
 ARRAYS = ("weight", "exp_avg", "exp_avg_sq")
 
 
 def bench_zarr(path: Path, batches: list[np.ndarray]) -> list[tuple[float, float]]:
-    import zarr
-
     g = zarr.open_group(str(path), mode="r+")
     arrays = [g[a] for a in ARRAYS]
     out = []
@@ -71,12 +78,10 @@ def bench_ours(store: ZarrHeadStore, batches: list[np.ndarray]) -> list[tuple[fl
 
 
 def bench_piped(store: ZarrHeadStore, batches: list[np.ndarray], lookahead: int = 4) -> float:
-    for k in range(lookahead):
-        store.prefetch(batches[k])
+    window = Lookahead(store.prefetch, batches, lookahead)
     t0 = time.perf_counter()
-    for k, idx in enumerate(batches):
-        if k + lookahead < len(batches):
-            store.prefetch(batches[k + lookahead])
+    for idx in batches:
+        window.advance()
         b = store.read_rows(idx)
         b.step += 1
         store.write_rows(b)
@@ -84,8 +89,7 @@ def bench_piped(store: ZarrHeadStore, batches: list[np.ndarray], lookahead: int 
     return (time.perf_counter() - t0) / len(batches)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-rows", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--chunk-rows", type=int, default=5000)
@@ -94,8 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ours-reps", type=int, default=100)
     p.add_argument("--dir", type=Path, default=WORK / "head_gather_scatter")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
+
+def run(args: argparse.Namespace) -> int:
     meta = HeadMeta(num_rows=args.num_rows, dim=args.dim, optimizer={"kind": "adamw"}, chunk_rows=args.chunk_rows)
     path = args.dir / "head.zarr"
     t0 = time.perf_counter()
@@ -145,8 +151,6 @@ def main(argv: list[str] | None = None) -> None:
             r["gather_speedup"] = rows[0]["gather_ms"] / r["gather_ms"]
             r["scatter_speedup"] = rows[0]["scatter_ms"] / r["scatter_ms"]
     # checksum cost measured directly: crc32c of B rows × 3 arrays, once per direction (verify + write)
-    from diet_engine.storage.head.checksums import row_crcs
-
     block = [np.random.default_rng(1).random((args.batch, args.dim), dtype=np.float32) for _ in ARRAYS]
     t0 = time.perf_counter()
     for _ in range(20):
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
               "store_gb": round(3 * args.num_rows * args.dim * 4 / 1e9, 2), "create_s": round(t_create, 1),
               "zarr_reps": args.zarr_reps, "ours_reps": args.ours_reps, "page_cache": "evicted before each method",
               "load_avg_start": load_start, "load_avg_end": load_average()}
-    cols = ["method", "gather_ms", "scatter_ms", "total_ms", "speedup_vs_zarr", "gather_speedup", "scatter_speedup", "batches"]
+    cols = ["method", "gather_ms", "scatter_ms", "total_ms", "speedup_vs_zarr", "gather_speedup", "scatter_speedup",
+            "batches"]
     table = markdown_table(rows, cols)
     bar = rows[1]["speedup_vs_zarr"]
     body = (
@@ -166,12 +171,20 @@ def main(argv: list[str] | None = None) -> None:
         f"({100 * crc_ms / rows[1]['total_ms']:.0f}% of ours). Store creation: {t_create:.1f} s for "
         f"{config['store_gb']} GB.\n"
     )
-    write_csv(RESULTS / "head_gather_scatter.csv", rows, cols)
-    md = write_report("head_gather_scatter", "Head store: gather + scatter vs zarr-python", body, stamp, config, rows)
+    write_csv(args.out / "head_gather_scatter.csv", rows, cols)
+    md = write_report("head_gather_scatter", "Head store: gather + scatter vs zarr-python", body, stamp, config, rows,
+                      out_dir=args.out)
     print(md.read_text())
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

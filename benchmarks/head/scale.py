@@ -15,8 +15,9 @@ time, peak RSS (sampled) and CPU time per step. The store's files are evicted fr
 before each order (posix_fadvise DONTNEED), so reads come from the disk. Bars: streaming
 ≥ 40% of raw bandwidth; random ≥ 12 steps/s; peak RSS ≤ 4 GB at the default 1 GB budget.
 
-    python benchmarks/bench_head_scale.py                      # full scale, ~10 min, ~45 GB of disk
-    python benchmarks/bench_head_scale.py --num-rows 200000    # scaled down
+    diet bench head-scale                      # full scale, ~10 min, ~45 GB of disk
+    diet bench head-scale --num-rows 200000    # scaled down
+    python -m benchmarks.head.scale ...        # the same without the CLI
 """
 
 from __future__ import annotations
@@ -30,15 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.bench_head_common import WORK, disk_stamp, evict, load_average, raw_sequential_bandwidth  # noqa: E402
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report  # noqa: E402
-from benchmarks.train_runs import TreeRSS  # noqa: E402
-from diet_engine.storage.head import HeadMeta, ZarrHeadStore, ZarrHeadStoreConfig  # noqa: E402
-
-GB = 1e9
+from benchmarks.common import (
+    GB,
+    RESULTS,
+    WORK,
+    TreeRSS,
+    disk_stamp,
+    evict,
+    load_average,
+    machine_stamp,
+    markdown_table,
+    raw_sequential_bandwidth,
+    write_csv,
+    write_report,
+)
+from diet_engine.storage.head import HeadMeta, Lookahead, ZarrHeadStore, ZarrHeadStoreConfig
 
 
 def streaming_batches(n: int, r: int, b: int, streams: int, steps: int, seed: int) -> list[np.ndarray]:
@@ -70,12 +77,10 @@ def run_order(path: Path, meta: HeadMeta, batches: list[np.ndarray], cfg: ZarrHe
         store = ZarrHeadStore.open(path, meta, config=cfg)
         store.stats(reset=True)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        for k in range(min(lookahead, len(batches))):
-            store.prefetch(batches[k])
+        window = Lookahead(store.prefetch, batches, lookahead)
         commit_s = 0.0
         for k, idx in enumerate(batches):
-            if k + lookahead < len(batches):
-                store.prefetch(batches[k + lookahead])
+            window.advance()
             b = store.read_rows(idx)
             # the cheap update, in numpy: torch's 2-thread CPU kernels take ~7 ms per (256, 2048) op on
             # this loaded 2-core VM (50 µs with 1 thread); on a GPU the real update runs on the device
@@ -101,12 +106,12 @@ def run_order(path: Path, meta: HeadMeta, batches: list[np.ndarray], cfg: ZarrHe
         "read_stall_s": st["read_stall_s"], "write_stall_s": st["write_stall_s"],
         "cache_hits": st["cache_hits"], "cache_misses": st["cache_misses"], "prefetch_dropped": st["prefetch_dropped"],
         "max_commit_s": commit_s, "commits": st["commits"], "cpu_ms_per_step": 1e3 * cpu / len(batches),
-        "peak_rss_GB": rss.peak_main / GB, "io_queue_peak": st["io_queue_peak"], "write_queue_peak_rows": st["write_queue_peak_rows"],
+        "peak_rss_GB": rss.peak_main / GB, "io_queue_peak": st["io_queue_peak"],
+        "write_queue_peak_rows": st["write_queue_peak_rows"],
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-rows", type=int, default=1_281_167)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--chunk-rows", type=int, default=5000, help="R: the data pipeline's shard size")
@@ -120,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raw-gib", type=float, default=4.0)
     p.add_argument("--dir", type=Path, default=WORK / "head_scale")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards (and reuse a kept one)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
+
+def run(args: argparse.Namespace) -> int:
     n, d = args.num_rows, args.dim
     meta = HeadMeta(num_rows=n, dim=d, optimizer={"kind": "adamw"}, chunk_rows=args.chunk_rows)
     path = args.dir / "head.zarr"
@@ -153,10 +160,12 @@ def main(argv: list[str] | None = None) -> None:
             batches = streaming_batches(n, args.chunk_rows, args.batch, args.streams, args.steps, seed=len(rows))
         else:
             batches = random_batches(n, args.batch, args.steps, seed=len(rows))
-        cfg = ZarrHeadStoreConfig(**{**base.__dict__, "readahead_rows": 0 if order.endswith("noreadahead") else base.readahead_rows})
+        readahead = 0 if order.endswith("noreadahead") else base.readahead_rows
+        cfg = ZarrHeadStoreConfig(**{**base.__dict__, "readahead_rows": readahead})
         r = {"order": order, **run_order(path, meta, batches, cfg, args.lookahead, args.commit_every, step0)}
         step0 += len(batches)
-        mix = (r["read_Bps"] + r["write_Bps"]) / (r["read_Bps"] / raw["raw_read_Bps"] + r["write_Bps"] / raw["raw_write_Bps"])
+        mix = (r["read_Bps"] + r["write_Bps"]) / (r["read_Bps"] / raw["raw_read_Bps"]
+                                                  + r["write_Bps"] / raw["raw_write_Bps"])
         r["head_GBps"] = (r["read_Bps"] + r["write_Bps"]) / GB
         r["raw_mix_GBps"] = mix / GB
         r["vs_raw"] = (r["read_Bps"] + r["write_Bps"]) / mix
@@ -175,9 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     verdict = []
     for r in rows:
         if r["order"] == "streaming":
-            verdict.append(f"streaming {100 * r['vs_raw']:.0f}% of raw bandwidth (bar ≥ 40%: {'met' if r['vs_raw'] >= 0.4 else 'NOT met'})")
+            met = "met" if r["vs_raw"] >= 0.4 else "NOT met"
+            verdict.append(f"streaming {100 * r['vs_raw']:.0f}% of raw bandwidth (bar ≥ 40%: {met})")
         if r["order"] == "random":
-            verdict.append(f"random {r['steps_per_s']:.1f} steps/s (bar ≥ 12: {'met' if r['steps_per_s'] >= 12 else 'NOT met'})")
+            met = "met" if r["steps_per_s"] >= 12 else "NOT met"
+            verdict.append(f"random {r['steps_per_s']:.1f} steps/s (bar ≥ 12: {met})")
     peak = max(r["peak_rss_GB"] for r in rows)
     verdict.append(f"peak RSS {peak:.2f} GB (bar ≤ 4 GB: {'met' if peak <= 4 else 'NOT met'})")
     body = (
@@ -187,13 +198,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{config['raw_read_GBps']} GB/s, measured in this run); undo_GB: undo-log bytes written on top "
         f"(pre-images, crash safety). Store of {config['store_GB']} GB created in {create_s:.0f} s.\n"
     )
-    write_csv(RESULTS / "head_scale.csv", rows, cols + ["wall_s", "read_Bps", "write_Bps", "disk_read_GB", "cache_misses",
-                                                        "io_queue_peak", "write_queue_peak_rows", "commits"])
-    md = write_report("head_scale", "Head store at ImageNet-1k scale", body, stamp, config, rows)
+    write_csv(args.out / "head_scale.csv", rows, cols + ["wall_s", "read_Bps", "write_Bps", "disk_read_GB",
+                                                         "cache_misses", "io_queue_peak", "write_queue_peak_rows",
+                                                         "commits"])
+    md = write_report("head_scale", "Head store at ImageNet-1k scale", body, stamp, config, rows, out_dir=args.out)
     print(md.read_text())
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

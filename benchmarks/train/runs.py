@@ -1,8 +1,8 @@
 """Run `diet train` as a subprocess the way a user does, sampling the peak RSS of its process tree.
 
-Shared by the training benchmarks (bench_train_head_store.py, bench_train_scale.py): one place that
-starts the run, watches metrics.csv, optionally SIGKILLs it once a step is logged, and reads back the
-per-window throughput and head counters the run logged itself.
+Shared by the training benchmarks (train/head_store.py, train/method.py, train/scale.py) and
+`diet bench gpu`: one place that starts the run, watches metrics.csv, optionally SIGKILLs it once a
+step is logged, and reads back the per-window throughput and head counters the run logged itself.
 """
 
 from __future__ import annotations
@@ -14,49 +14,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-GB = 1e9
-
-
-class TreeRSS:
-    """Peak resident set of a process and of it plus its children (loader workers), sampled every `period` s."""
-
-    def __init__(self, pid: int, period: float = 0.1) -> None:
-        import psutil  # noqa: PLC0415
-
-        self.proc = psutil.Process(pid)
-        self.peak_main = self.peak_tree = 0
-        self._period, self._stop = period, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil  # noqa: PLC0415
-
-        while not self._stop.is_set():
-            try:
-                main = self.proc.memory_info().rss
-                kids = 0
-                for c in self.proc.children(recursive=True):
-                    try:
-                        kids += c.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:  # exited
-                return
-            self.peak_main, self.peak_tree = max(self.peak_main, main), max(self.peak_tree, main + kids)
-            time.sleep(self._period)
-
-    def __enter__(self) -> TreeRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
+from benchmarks.common import GB, ROOT, TreeRSS
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
@@ -69,7 +30,8 @@ def read_metrics(run: Path) -> list[dict[str, float]]:
 
 def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_step: int | None = None,
           log: Path | None = None, timeout: float = 7200) -> dict:
-    """`python -m diet_engine.launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once `kill_at_step` is logged.
+    """`python -m diet_engine.launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once
+    `kill_at_step` is logged.
 
     Returns wall time, return code, peak RSS (main process, and with children) and the metrics rows
     this invocation appended to metrics.csv.

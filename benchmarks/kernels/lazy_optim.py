@@ -1,7 +1,8 @@
 """Benchmark of the exact lazy AdamW: speed against a dense torch.optim.AdamW step, and
 how far the s-DIET `paper` mode drifts from dense AdamW over an ImageNet-sized epoch.
 
-    python benchmarks/bench_lazy_optim.py            # CPU (numba); Triton too when CUDA is there
+    diet bench lazy-optim                        # CPU (numba); Triton too when CUDA is there
+    python -m benchmarks.kernels.lazy_optim      # the same without the CLI
 
 Speed: B = 256 rows of d = 2048 (fp32) at an ImageNet step (N = 1,281,167, B = 256: a row comes
 back after ≈ N/B = 5,005 steps; gaps drawn as the sum of two uniform positions in consecutive
@@ -14,17 +15,17 @@ turn each iteration; medians (and minima, which show the machine unloaded) after
 
 Drift: a sample of rows, each drawn into one batch per epoch at a random step, trained by dense
 torch.optim.AdamW (zero gradient when out of the batch) and by LazyAdamW(mode="paper"); lr 1e-3
-with linear warm-up over the first epoch, then cosine; wd 0.05. Reported per epoch: the error of
-the rows the forward pass sees (paper row before its step vs dense row at t − 1) relative to
-max|W|, and relative to how far dense moved the row from its initial value.
-Writes benchmarks/results/lazy_optim.{md,csv}.
+with linear warm-up over the first epoch, then cosine (the engine's `warmup_cosine`); wd 0.05.
+Reported per epoch: the error of the rows the forward pass sees (paper row before its step vs
+dense row at t − 1) relative to max|W|, and relative to how far dense moved the row from its
+initial value.
+Writes benchmarks/results/lazy_optim.{md,csv,json}.
 """
 
 from __future__ import annotations
 
-import csv
+import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,22 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diet_engine.kernels.lazy_optim import LazyAdamW, _numba  # noqa: E402
+from benchmarks.common import RESULTS, load_average, machine_stamp, markdown_table, write_csv, write_report
+from diet_engine.engine.schedule import warmup_cosine
+from diet_engine.kernels.lazy_optim import LazyAdamW, Rows, _numba
 
 N_ROWS, BATCH, D = 1_281_167, 256, 2048
 EPOCH = -(-N_ROWS // BATCH)  # 5,005 steps
 LR, WD = 1e-3, 0.05
-REPS, WARM = 40, 5
 
 
 def schedule(T: int) -> np.ndarray:
-    """lrs[t-1]: linear warm-up over one epoch, then cosine to 0 at T."""
-    s = np.arange(1, T + 1)
-    return LR * np.where(s <= EPOCH, s / EPOCH,
-                         0.5 * (1 + np.cos(np.pi * (s - EPOCH) / (T - EPOCH))))
+    """lrs[t-1]: linear warm-up over one epoch, then cosine to 0 at T. (T,) float64."""
+    return warmup_cosine(LR, T, EPOCH)
 
 
 def gaps(rng, n):
@@ -60,7 +57,7 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def speed(backend: str, dev: torch.device, T: int) -> dict[str, list[float]]:
+def speed(backend: str, dev: torch.device, T: int, reps: int, warm: int) -> dict[str, list[float]]:
     """Seconds per iteration of: the dense baseline step, lazy catch_up + step with a steady
     cache, and the same with a cold one. Interleaved, so a busy machine slows all three alike."""
     rng = np.random.default_rng(0)
@@ -73,23 +70,23 @@ def speed(backend: str, dev: torch.device, T: int) -> dict[str, list[float]]:
     p = torch.nn.Parameter(w0.clone())
     p.grad = grad.clone()
     dense = torch.optim.AdamW([p], lr=LR, weight_decay=WD, foreach=True)
-    steps = list(range(3 * EPOCH, 3 * EPOCH + WARM + REPS))
+    steps = list(range(3 * EPOCH, 3 * EPOCH + warm + reps))
     stamps = [torch.from_numpy(t - gaps(rng, BATCH)).to(dev) for t in steps]
     steady = LazyAdamW(lrs, weight_decay=WD, backend=backend)
-    for t, s in zip(steps, stamps):  # every stamp of these steps seen once before, as in a run
-        steady.catch_up(w0.clone(), m0.clone(), v0.clone(), s.clone(), t)
+    for t, s in zip(steps, stamps, strict=True):  # every stamp of these steps seen once before, as in a run
+        steady.catch_up(Rows(w0.clone(), m0.clone(), v0.clone(), s.clone()), t)
 
     def lazy(opt, t, s):
         w, m, v, st = w0.clone(), m0.clone(), v0.clone(), s.clone()
         _sync(dev)
         t0 = time.perf_counter()
-        opt.catch_up(w, m, v, st, t)
-        opt.step(w, m, v, st, grad, t)
+        opt.catch_up(Rows(w, m, v, st), t)
+        opt.step(Rows(w, m, v, st), grad, t)
         _sync(dev)
         return time.perf_counter() - t0
 
     out = {"dense": [], "steady": [], "cold": []}
-    for i, (t, s) in enumerate(zip(steps, stamps)):
+    for i, (t, s) in enumerate(zip(steps, stamps, strict=True)):
         _sync(dev)
         t0 = time.perf_counter()
         dense.step()
@@ -97,8 +94,8 @@ def speed(backend: str, dev: torch.device, T: int) -> dict[str, list[float]]:
         td = time.perf_counter() - t0
         ts = lazy(steady, t, s)
         tc = lazy(LazyAdamW(lrs, weight_decay=WD, backend=backend), t, s)
-        if i >= WARM:
-            for k, x in zip(out, (td, ts, tc)):
+        if i >= warm:
+            for k, x in zip(out, (td, ts, tc), strict=True):
                 out[k].append(x)
     return out
 
@@ -106,7 +103,6 @@ def speed(backend: str, dev: torch.device, T: int) -> dict[str, list[float]]:
 def paper_drift(rows: int = 64, d: int = 64, epochs: int = 2, seed: int = 0):
     """Dense AdamW vs paper mode on a sample of rows; per epoch the worst errors seen by the
     forward pass (before each row's step)."""
-    T = epochs * EPOCH
     lrs = schedule(10 * EPOCH)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -132,7 +128,7 @@ def paper_drift(rows: int = 64, d: int = 64, epochs: int = 2, seed: int = 0):
                 err_move = max(err_move, float(diff / moved))
                 grad[idx] = torch.randn(len(hit), d, generator=g, dtype=torch.float64) * 1e-3
                 rw, rm, rv, rs = pw[idx], pm[idx], pv[idx], pst[idx]
-                paper.step(rw, rm, rv, rs, grad[idx], t)
+                paper.step(Rows(rw, rm, rv, rs), grad[idx], t)
                 pw[idx], pm[idx], pv[idx], pst[idx] = rw, rm, rv, rs
             dense.param_groups[0]["lr"] = float(lrs[t - 1])
             p.grad = grad
@@ -142,37 +138,16 @@ def paper_drift(rows: int = 64, d: int = 64, epochs: int = 2, seed: int = 0):
     return out
 
 
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import numba  # noqa: PLC0415
-
-    try:
-        import triton  # noqa: PLC0415
-
-        tv = triton.__version__
-    except ImportError:
-        tv = "absent"
-    info = {
-        "cpu": cpu, "cores": str(os.cpu_count()),
-        "load average (1 min)": f"{os.getloadavg()[0]:.1f}",
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "python": platform.python_version(), "torch": torch.__version__,
-        "numba": numba.__version__, "triton": tv,
-    }
-    return info
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reps", type=int, default=40, help="timed iterations per case")
+    p.add_argument("--warm", type=int, default=5, help="warm-up iterations, not timed")
+    p.add_argument("--drift-epochs", type=int, default=2, help="epochs of the paper-mode drift run")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
 
 
-def main() -> None:
+def run(args: argparse.Namespace) -> int:
     T = 10 * EPOCH
-    rows = []  # (device, what, median s, min s, median ratio, min ratio)
-    devices = [("cpu", "numba")] + ([("cuda", "triton")] if torch.cuda.is_available() else [])
+    rows = []
     if not torch.cuda.is_available():
         print("no CUDA: Triton timing skipped")
     cores = os.cpu_count() or 1
@@ -182,50 +157,47 @@ def main() -> None:
         if threads is not None:  # CPU: torch and numba with the same thread count
             torch.set_num_threads(threads)
             _numba.THREADS = threads
-        r = speed(backend, torch.device(dev), T)
+        r = speed(backend, torch.device(dev), T, args.reps, args.warm)
         tag = f"{dev}, {threads} thread{'s' if threads != 1 else ''}" if threads else dev
         base_med, base_min = statistics.median(r["dense"]), min(r["dense"])
-        rows.append((tag, "torch.optim.AdamW foreach step (baseline)", base_med, base_min, 1.0,
-                     1.0))
+        rows.append({"device": tag, "what": "torch.optim.AdamW foreach step (baseline)", "median_ms": base_med * 1e3,
+                     "vs_baseline_median": 1.0, "min_ms": base_min * 1e3, "vs_baseline_min": 1.0})
         for k in ("steady", "cold"):
             med, mn = statistics.median(r[k]), min(r[k])
-            rows.append((tag, f"lazy {backend} catch_up + step, {k} cache", med, mn,
-                         med / base_med, mn / base_min))
+            rows.append({"device": tag, "what": f"lazy {backend} catch_up + step, {k} cache", "median_ms": med * 1e3,
+                         "vs_baseline_median": med / base_med, "min_ms": mn * 1e3, "vs_baseline_min": mn / base_min})
     torch.set_num_threads(cores)
-    info = machine()  # load average sampled after the timings
-    drift = paper_drift()
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "lazy_optim.csv", "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["kind", "device", "what", "value", "ratio_to_baseline"])
-        for dev, what, med, mn, rmed, rmin in rows:
-            wr.writerow(["time_ms_median", dev, what, f"{med * 1e3:.4f}", f"{rmed:.3f}"])
-            wr.writerow(["time_ms_min", dev, what, f"{mn * 1e3:.4f}", f"{rmin:.3f}"])
-        for label, ew, em in drift:
-            wr.writerow(["paper_drift_rel_maxW", "cpu", label, f"{ew:.3e}", ""])
-            wr.writerow(["paper_drift_rel_move", "cpu", label, f"{em:.3e}", ""])
-        for k, v in info.items():
-            wr.writerow(["machine", "", k, v, ""])
-    md = ["# Lazy optimizer benchmark", "",
-          f"`python benchmarks/bench_lazy_optim.py`; B = {BATCH}, d = {D}, fp32, N = {N_ROWS:,}, "
-          f"gaps ≈ N/B = {EPOCH:,} steps, lr {LR}, wd {WD}; medians of {REPS} after {WARM} "
-          "warm-up iterations.", "",
-          "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], "",
-          "## Speed: catch_up + step of 256 rows vs one dense AdamW step of the same rows", "",
-          "Each iteration times the three in turn (interleaved); median and minimum over the "
-          "iterations, ratios against the baseline's median and minimum.", "",
-          "| device | what | median ms | × baseline | min ms | × baseline |",
-          "|---|---|---:|---:|---:|---:|",
-          *[f"| {d} | {w} | {md * 1e3:.3f} | {rmd:.2f} | {mn * 1e3:.3f} | {rmn:.2f} |"
-            for d, w, md, mn, rmd, rmn in rows], "",
-          "## `paper` mode drift from dense AdamW (64 sampled rows, d = 64, fp64)", "",
-          "Error of the rows the forward pass sees, worst over the epoch.", "",
-          "| epoch | max err / max\\|W\\| | max err / max\\|W − W0\\| |", "|---|---:|---:|",
-          *[f"| {lab} | {ew:.3e} | {em:.3e} |" for lab, ew, em in drift], ""]
-    (out / "lazy_optim.md").write_text("\n".join(md))
-    print("\n".join(md))
+    load_end = load_average()  # sampled after the timings
+    drift = [{"epoch": label, "err_rel_max_w": ew, "err_rel_move": em}
+             for label, ew, em in paper_drift(epochs=args.drift_epochs)]
+    cols = ["device", "what", "median_ms", "vs_baseline_median", "min_ms", "vs_baseline_min"]
+    body = "\n".join([
+        f"B = {BATCH}, d = {D}, fp32, N = {N_ROWS:,}, gaps ≈ N/B = {EPOCH:,} steps, lr {LR}, wd {WD}; medians of "
+        f"{args.reps} after {args.warm} warm-up iterations. Load average after the timings: {load_end}.", "",
+        "## Speed: catch_up + step of 256 rows vs one dense AdamW step of the same rows", "",
+        "Each iteration times the three in turn (interleaved); median and minimum over the "
+        "iterations, ratios against the baseline's median and minimum.", "",
+        markdown_table(rows, cols, ["device", "what", "median ms", "× baseline", "min ms", "× baseline"], "llrrrr"), "",
+        "## `paper` mode drift from dense AdamW (64 sampled rows, d = 64, fp64)", "",
+        "Error of the rows the forward pass sees, worst over the epoch.", "",
+        markdown_table(drift, ["epoch", "err_rel_max_w", "err_rel_move"],
+                       ["epoch", "max err / max\\|W\\|", "max err / max\\|W − W0\\|"]),
+    ])
+    config = {"N": N_ROWS, "B": BATCH, "d": D, "lr": LR, "weight_decay": WD, "reps": args.reps, "warm": args.warm,
+              "drift_epochs": args.drift_epochs, "load_average_end": load_end}
+    write_csv(args.out / "lazy_optim.csv", [{"kind": "speed", **r} for r in rows]
+              + [{"kind": "paper_drift", **r} for r in drift])
+    path = write_report("lazy_optim", "Lazy optimizer benchmark", body, machine_stamp(), config, rows,
+                        extra={"paper_drift": drift}, out_dir=args.out)
+    print(path.read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data-loading benchmarks: shard preparation and loader throughput, ShardLoader vs ImageFolder."""
