@@ -230,7 +230,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending option."""
-        self.train.resume = _RESUME_ALIASES.get(str(self.train.resume).lower(), str(self.train.resume))
+        resume = str(self.train.resume).lower()
+        self.train.resume = _RESUME_ALIASES.get(resume, resume)
         checks = [
             (self.train.resume in ("false", "true", "auto"), "train.resume", "'true', 'false' or 'auto'"),
             (self.train.preempt_signal in ("SIGTERM", "SIGUSR1", "SIGUSR2", "none"), "train.preempt_signal",

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diet_engine.storage.head.errors import HeadStoreError
+
 _BLOCK = 65536  # rows materialised at a time
 
 
@@ -102,7 +104,7 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     client = _client_state(checkpoint_dir(run_dir) / tag)
     T, world = int(client["step"]), int(client["world_size"])
     sources = _row_sources(cfg, run_dir, client, lrs, world)
-    n, d = sources[0].num_rows, sources[0].dim
+    n, d = sources[0][0].num_rows, sources[0][0].dim
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -113,8 +115,8 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         arr[lo : lo + len(idx)] = _materialised(sources, idx, T).numpy()
     root.attrs.update({"step": T, "num_rows": n, "dim": d, "run": str(run_dir.resolve()), "checkpoint": tag,
                        "optimizer": cfg.optim.name, "format": "diet-head-export/1"})
-    for s in sources:
-        s.close()
+    for head, _ in sources:
+        head.close()
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -135,7 +137,7 @@ def _client_state(ckpt: Path) -> dict:
 def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) -> list:
     """The run's head as it stood at the checkpoint, one read-only head per rank store (`build_head`,
     the trainer's factory): a dense head from the checkpoint's weights, a memory store from its
-    rows, or each rank's Zarr store."""
+    rows, or each rank's Zarr store. Pairs (head, rows it holds: (N,) bool, None for all)."""
     from diet_engine.engine.head import build_head  # noqa: PLC0415
     from diet_engine.storage.head import MemoryHeadStore, ZarrHeadStore  # noqa: PLC0415
 
@@ -144,7 +146,7 @@ def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) 
         w = head_state["weight"]
         head = build_head(cfg, lrs, num_rows=w.shape[0], dim=w.shape[1], world=world, dtype=w.dtype)
         head.load_state_dict(head_state)
-        return [head]
+        return [(head, None)]
     state = head_state["store"]
     if cfg.head.store == "memory":
         stores = [MemoryHeadStore.from_state_dict(state, read_only=True)]
@@ -155,22 +157,35 @@ def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) 
         meta = HeadMeta.from_dict(state["meta"])
         stores = [ZarrHeadStore.open(rank_store_path(cfg.head.store_path, run_dir, r, world), meta, mode="r")
                   for r in range(world)]
-    return [build_head(cfg, lrs, num_rows=s.meta.num_rows, dim=s.meta.dim, store=s, world=world) for s in stores]
+    return [(build_head(cfg, lrs, num_rows=s.meta.num_rows, dim=s.meta.dim, store=s, world=world), _held(s))
+            for s in stores]
 
 
 def _materialised(sources: list, idx: np.ndarray, T: int) -> torch.Tensor:
-    """Rows idx at step T; with several rank stores, each row from the store that stepped it last
-    (its owner: the only rank that ever steps it)."""
-    best, best_step = None, None
-    for head in sources:
-        w, stamps = head.rows_at(idx, T)
-        if best is None:
-            best, best_step = w.float(), stamps
-        else:
-            newer = stamps > best_step
-            best[newer] = w.float()[newer]
-            best_step = torch.maximum(best_step, stamps)
+    """Rows idx at step T. With several rank stores each row comes from a store that holds it (the
+    chunks of its owner's shards; a rank store refuses reads of other chunks), the newest stamp
+    winning where several do (the owner is the only rank that ever steps a row)."""
+    best = torch.zeros(len(idx), sources[0][0].dim)
+    best_step = torch.full((len(idx),), -1, dtype=torch.int64)
+    for head, held in sources:
+        pos = np.arange(len(idx)) if held is None else np.flatnonzero(held[idx])
+        if pos.size == 0:
+            continue
+        w, stamps = head.rows_at(idx[pos], T)
+        newer = (stamps > best_step[pos]).numpy()
+        best[pos[newer]] = w.float()[newer]
+        best_step[pos] = torch.maximum(best_step[pos], stamps)
+    if (best_step < 0).any():
+        missing = int(idx[int(torch.nonzero(best_step < 0)[0, 0])])
+        raise HeadStoreError(f"row {missing} is held by none of the run's head stores")
     return best
+
+
+def _held(store) -> np.ndarray | None:
+    """(N,) bool: the rows a store holds (a rank's store: its shards' chunks); None when it holds all."""
+    mask = np.zeros(store.meta.num_rows, dtype=bool)
+    mask[store.owned_rows()] = True
+    return None if mask.all() else mask
 
 
 __all__ = ["export_head", "verify_head"]

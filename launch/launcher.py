@@ -270,6 +270,9 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
             signal.signal(getattr(signal, name), handler)
 
 
+_RANK_MODULE = "diet_engine.launch.launcher"
+
+
 def _rank_processes(pid: int) -> list:
     """The rank processes (`--rank-entry`) below process `pid`."""
     import psutil  # noqa: PLC0415
@@ -278,7 +281,10 @@ def _rank_processes(pid: int) -> list:
     try:
         for child in psutil.Process(pid).children(recursive=True):
             try:
-                if "--rank-entry" in child.cmdline():
+                cl = child.cmdline()
+                # `python -u -m diet_engine.launch.launcher --rank-entry ...`; DeepSpeed's per-node
+                # launcher carries the same words as its arguments, after its own `-m`
+                if "-m" in cl and cl[cl.index("-m") + 1 : cl.index("-m") + 3] == [_RANK_MODULE, "--rank-entry"]:
                     out.append(child)
             except psutil.Error:
                 pass

@@ -176,6 +176,10 @@ class HeadStore(abc.ABC):
         """Steps `recover` can restore, oldest first (at most two: one-but-newest and newest)."""
         return [self.meta.global_step]
 
+    def owned_rows(self) -> np.ndarray:
+        """(K,) int64 rows this store holds: all N, unless it was created for one rank's shards."""
+        return np.arange(self.meta.num_rows, dtype=np.int64)
+
     def stats(self) -> dict[str, float]:
         """Flat dict of counters (see the backend); empty where nothing is measured."""
         return {}

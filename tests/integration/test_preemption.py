@@ -92,8 +92,9 @@ def _assert_equal(got: dict, want: dict, what: str) -> None:
                                        msg=lambda m, k=k, group=group: f"{what}: {group}/{k}\n{m}")
 
 
-@pytest.mark.parametrize(("store", "ranks", "twice"), [("memory", 1, False), ("disk", 1, True), ("disk", 2, False)],
-                         ids=["memory-1rank", "disk-1rank-signalled-twice", "disk-2ranks"])
+@pytest.mark.parametrize(("store", "ranks", "twice"),
+                         [("memory", 1, False), ("disk", 1, True), ("memory", 2, False), ("disk", 2, False)],
+                         ids=["memory-1rank", "disk-1rank-signalled-twice", "memory-2ranks", "disk-2ranks"])
 def test_sigterm_checkpoints_and_auto_resume_equals_uninterrupted(digits_dir, tmp_path, store, ranks, twice):
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     log = tmp_path / "train.log"
