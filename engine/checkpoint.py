@@ -170,7 +170,8 @@ def export_backbone(model: torch.nn.Module, cfg, path: str | Path) -> Path:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     small = cfg.model.small_stem if cfg.model.small_stem is not None else cfg.data.image_size <= 64
-    meta = {"format_version": str(BACKBONE_FORMAT_VERSION), "backbone": cfg.model.backbone, "small_stem": json.dumps(small),
+    meta = {"format_version": str(BACKBONE_FORMAT_VERSION), "backbone": cfg.model.backbone,
+            "small_stem": json.dumps(small),
             "in_channels": str(cfg.data.channels), "image_size": str(cfg.data.image_size)}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
