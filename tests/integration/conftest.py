@@ -36,3 +36,17 @@ def tiny_config(digits_dir, run_dir, **overrides):
     for key, value in overrides.items():
         cfg.set(key.replace("__", "."), value)
     return cfg
+
+
+def logged_steps(run) -> int:
+    """Rows in a run's metrics.csv (one per step with log_every=1; a resumed run appends)."""
+    try:
+        return max(0, len((run / "metrics.csv").read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def latest_step(run) -> int:
+    """The step of the checkpoint `checkpoints/latest` names (0: none yet)."""
+    f = run / "checkpoints" / "latest"
+    return int(f.read_text().strip().removeprefix("step_")) if f.exists() else 0

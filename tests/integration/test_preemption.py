@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.integration.conftest import latest_step, logged_steps
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,18 +53,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _logged(run: Path) -> int:
-    try:
-        return max(0, len((run / "metrics.csv").read_text().splitlines()) - 1)
-    except FileNotFoundError:
-        return 0
-
-
-def _latest(run: Path) -> int:
-    f = run / "checkpoints" / "latest"
-    return int(f.read_text().strip().removeprefix("step_")) if f.exists() else 0
 
 
 def _final(run: Path, out: Path, store: str, ranks: int) -> dict[str, dict]:
@@ -103,7 +93,7 @@ def test_sigterm_checkpoints_and_auto_resume_equals_uninterrupted(digits_dir, tm
     want = _final(ref_run, tmp_path / "ref-head.zarr", store, ranks)
 
     proc = _start(_args(digits_dir, run, store, "auto"), log, ranks)
-    while proc.poll() is None and _logged(run) < 13:  # past the step-10 checkpoint
+    while proc.poll() is None and logged_steps(run) < 13:  # past the step-10 checkpoint
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     if twice:
@@ -112,14 +102,14 @@ def test_sigterm_checkpoints_and_auto_resume_equals_uninterrupted(digits_dir, tm
     rc = proc.wait(600)
     text = log.read_text()
     assert rc == 75, f"exit {rc}, expected 75 (preempted):\n{text[-3000:]}"
-    stopped = _latest(run)
+    stopped = latest_step(run)
     assert 13 <= stopped < STEPS and stopped % EVERY, f"checkpoint at step {stopped}: the step it was on"
-    assert _logged(run) == stopped  # every rank stopped at the checkpointed step
+    assert logged_steps(run) == stopped  # every rank stopped at the checkpointed step
     assert f"stopped by SIGTERM at step {stopped}" in text
     assert not (run / "backbone.safetensors").exists()  # an unfinished run exports nothing
     if twice:
         assert "received again: already stopping" in text
 
     assert _start(_args(digits_dir, run, store, "auto"), log, ranks).wait(600) == 0, log.read_text()[-3000:]
-    assert _latest(run) == STEPS
+    assert latest_step(run) == STEPS
     _assert_equal(_final(run, tmp_path / "head.zarr", store, ranks), want, f"{store}, {ranks} rank(s)")

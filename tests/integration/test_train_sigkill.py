@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.integration.conftest import latest_step, logged_steps
+
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("DIET_SIGKILL_SEED", "0"))
@@ -59,19 +61,6 @@ def _log_tail(run: Path, n: int = 2500) -> str:
     return (run.parent / f"{run.name}.log").read_text()[-n:]
 
 
-def _logged_steps(run: Path) -> int:
-    """Rows in metrics.csv (one per step with log_every=1; a resumed run appends)."""
-    try:
-        return max(0, len((run / "metrics.csv").read_text().splitlines()) - 1)
-    except FileNotFoundError:
-        return 0
-
-
-def _latest(run: Path) -> int:
-    f = run / "checkpoints" / "latest"
-    return int(f.read_text().strip().removeprefix("step_")) if f.exists() else 0
-
-
 def _wait(proc: subprocess.Popen, timeout: float = 300) -> int:
     try:
         return proc.wait(timeout)
@@ -83,8 +72,8 @@ def _wait(proc: subprocess.Popen, timeout: float = 300) -> int:
 
 def _kill_after(proc: subprocess.Popen, run: Path, steps: int, delay: float) -> bool:
     """SIGKILL `delay` s after `steps` more steps are logged; True if the kill (not the end) stopped it."""
-    target = _logged_steps(run) + steps
-    while proc.poll() is None and _logged_steps(run) < target:
+    target = logged_steps(run) + steps
+    while proc.poll() is None and logged_steps(run) < target:
         time.sleep(0.005)
     time.sleep(delay)
     if proc.poll() is None:
@@ -141,14 +130,14 @@ def reference(digits_dir, tmp_path_factory):
     run = base / "run"
     rc = _wait(_start(digits_dir, run, resume=False))
     assert rc == 0, f"uninterrupted run failed (rc {rc}):\n{_log_tail(run)}"
-    assert _latest(run) == STEPS
+    assert latest_step(run) == STEPS
     return _final_state(run, base / "head.zarr")
 
 
 def _finish(digits_dir: Path, run: Path, what: str) -> None:
     rc = _wait(_start(digits_dir, run, resume=True))
     assert rc == 0, f"{what}: resumed run failed (rc {rc}, DIET_SIGKILL_SEED={SEED}):\n{_log_tail(run)}"
-    assert _latest(run) == STEPS, f"{what}: finished at checkpoint {_latest(run)}, not {STEPS}"
+    assert latest_step(run) == STEPS, f"{what}: finished at checkpoint {latest_step(run)}, not {STEPS}"
 
 
 def test_kill_mid_scatter(digits_dir, tmp_path, reference):
@@ -177,15 +166,15 @@ def test_kill_mid_checkpoint(digits_dir, tmp_path, reference):
     faults = ["checkpoint:1", f"checkpoint:{rng.randint(1, 3)}", "latest:final"]
     for i, fault in enumerate(faults):
         if fault == "latest:final":
-            fault = faults[i] = f"latest:{len(range(_latest(run) + EVERY, STEPS, EVERY)) + 1}"
+            fault = faults[i] = f"latest:{len(range(latest_step(run) + EVERY, STEPS, EVERY)) + 1}"
         rc = _wait(_start(digits_dir, run, resume=i > 0, fault=fault))
         what = f"kills at {faults[: i + 1]}"
         assert rc == -signal.SIGKILL, f"{what}: the run was not killed (rc {rc}):\n{_log_tail(run)}"
         # the killed save left a folder newer than `latest`: `.tmp-step_S` (checkpoint) or `step_S` (latest)
         prefix = ".tmp-step_" if fault.startswith("checkpoint") else "step_"
         folders = sorted(p.name for p in (run / "checkpoints").iterdir())
-        assert any(p.startswith(prefix) and int(p.rsplit("_", 1)[1]) > _latest(run) for p in folders), \
-            f"{what}: no unfinished {prefix}* newer than latest (step {_latest(run)}) in {folders}"
+        assert any(p.startswith(prefix) and int(p.rsplit("_", 1)[1]) > latest_step(run) for p in folders), \
+            f"{what}: no unfinished {prefix}* newer than latest (step {latest_step(run)}) in {folders}"
     _finish(digits_dir, run, str(faults))
     _assert_equal(_final_state(run, tmp_path / "head.zarr"), reference, str(faults))
 
@@ -196,7 +185,7 @@ def test_kill_at_random_moments(digits_dir, tmp_path, reference):
     run = tmp_path / "run"
     kills = []
     for i in range(2):
-        left = STEPS - _latest(run)
+        left = STEPS - latest_step(run)
         steps, delay = rng.randint(1, min(left, 30)), rng.uniform(0.0, 0.3)  # a step takes ~0.2 s
         killed = _kill_after(_start(digits_dir, run, resume=i > 0), run, steps, delay)
         kills.append((steps, round(delay, 3), killed))
