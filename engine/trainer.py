@@ -138,9 +138,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, int]:
-        """Where training stands: optimizer steps done, epoch, batches of it consumed, ranks."""
+        """Where training stands: optimizer steps done, epoch, batches of it consumed, ranks, and the
+        steps skipped as non-finite (their count in metrics.csv goes on after a resume)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.world}
+                "world_size": self.world, "nonfinite_skipped": self.nonfinite_skipped}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["world_size"]) != self.world:
@@ -148,6 +149,7 @@ class Trainer:
                              f"resume with the same world size (got {self.world})")
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.nonfinite_skipped = int(state["nonfinite_skipped"])
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
