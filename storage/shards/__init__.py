@@ -9,7 +9,7 @@ from diet_engine.storage.shards.index import index_shards
 from diet_engine.storage.shards.loader import ShardLoader
 from diet_engine.storage.shards.manifest import FORMAT_VERSION, ImageStats, Manifest, ShardInfo
 from diet_engine.storage.shards.plan import assign_shards
-from diet_engine.storage.shards.prepare import prepare_digits, prepare_folder, prepare_synthetic
+from diet_engine.storage.shards.prepare import prepare_digits, prepare_folder, prepare_synthetic, prepare_torchvision
 from diet_engine.storage.shards.records import ShardReadError
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "prepare_digits",
     "prepare_folder",
     "prepare_synthetic",
+    "prepare_torchvision",
 ]
