@@ -3,12 +3,17 @@
     diet prepare digits --out data/digits                    # → data/digits/{train,test}/
     diet prepare folder IMAGES --out data/mine [--resize 256] [--skip-bad]
     diet prepare synthetic --out data/synth --num-samples 1281167 [--size 8 --channels 1]
+    diet prepare torchvision FashionMNIST --root /usr/share/datasets/fashion-mnist --out data/fashion-mnist
     diet prepare index data/others/ [--out data/others/manifest.json]
 """
 
 from __future__ import annotations
 
 import argparse
+
+# (the registry's names, without importing torch and torchvision for the help text)
+TORCHVISION_SETS = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "CIFAR10", "CIFAR100", "SVHN", "STL10", "Food101",
+                    "Flowers102", "DTD", "OxfordIIITPet", "ImageNet")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,6 +52,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="image seed (default 0)")
     q.add_argument("--workers", type=int, default=None, help="writer processes (default: all cores)")
 
+    q = src.add_parser("torchvision", help="a torchvision classification data set, read by its torchvision class",
+                       description="Shards of a torchvision.datasets classification data set, one shard set per "
+                                   "split in OUT/<split>/, sample n = dataset[n]. Supported: "
+                                   + ", ".join(TORCHVISION_SETS) + ". (Fashion-)MNIST idx files may also sit in a "
+                                   "flat folder, gzipped or not (Debian: apt-get install dataset-fashion-mnist).")
+    q.add_argument("name", metavar="NAME", help="data set: " + ", ".join(TORCHVISION_SETS))
+    q.add_argument("--root", required=True, help="folder torchvision reads (its `root`), or a flat folder of idx files")
+    common(q, 1000)
+    q.add_argument("--split", action="append", default=None,
+                   help="split(s) to write, repeated or comma-separated, e.g. train,test (default: the data set's "
+                        "train and test splits; also val where it has one)")
+    q.add_argument("--variant", default=None, help="EMNIST's split (byclass, balanced, ...) or DTD's partition (1-10)")
+    q.add_argument("--download", action="store_true", help="let torchvision download missing files (needs internet)")
+    q.add_argument("--workers", type=int, default=None,
+                   help="decode processes for data sets stored as image files (default: all cores)")
+
     q = src.add_parser("index", help="write manifest.json for existing WebDataset shards, without rewriting them")
     q.add_argument("inputs", nargs="+", help="a folder of .tar shards, or shard files")
     q.add_argument("--out", default=None, help="manifest path or folder (default: the shards' folder)")
@@ -79,6 +100,13 @@ def run(args: argparse.Namespace) -> int:
                                      channels=args.channels, num_classes=args.num_classes, seed=args.seed,
                                      overwrite=args.overwrite, workers=args.workers)
         print(_summary(m))
+    elif args.source == "torchvision":
+        splits = [p for v in args.split for p in v.split(",") if p] if args.split else None
+        ms = shards.prepare_torchvision(args.name, args.root, args.out, splits, variant=args.variant,
+                                        download=args.download, shard_size=args.shard_size, overwrite=args.overwrite,
+                                        workers=args.workers)
+        for name, m in ms.items():
+            print(_summary(m, name))
     else:
         inputs = args.inputs[0] if len(args.inputs) == 1 else args.inputs
         m = shards.index_shards(inputs, args.out, overwrite=args.overwrite, by_position=args.by_position,
