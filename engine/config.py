@@ -43,6 +43,9 @@ class DataConfig:
     """loader worker processes (0: decode in the training process)."""
     prepare_digits: bool = False
     """prepare the embedded digits shards at `manifest`'s parent if they are missing."""
+    prepare_torchvision: str = ""
+    """'NAME:ROOT' (e.g. 'FashionMNIST:/usr/share/datasets/fashion-mnist'): if the shards are missing,
+    write them with `diet prepare torchvision NAME --root ROOT` at `manifest`'s parent ('' = never)."""
 
 
 @dataclasses.dataclass
@@ -82,6 +85,16 @@ class HeadConfig:
     """logits = scale · z·w (useful with normalised features)."""
     extra_negatives: int = 0
     """batch loss: add up to this many rows of upcoming batches as extra negatives."""
+    lr_scale: float = 1.0
+    """the head's learning rate = the backbone's schedule × this. A row gets one update per epoch
+    (N/B steps apart), so it learns far slower than the backbone; the exact lazy optimizer applies
+    any per-group schedule exactly."""
+    weight_decay: float = -1.0
+    """the head's decoupled weight decay (-1: optim.weight_decay)."""
+    init: str = "random"
+    """'random': U(±1/sqrt(d)) rows (the papers); 'feature': a row becomes its sample's feature z at
+    the sample's first visit (moments zero), so it starts as the sample's own target (a memory-bank
+    start; use with model.normalize and a logit_scale)."""
     optimizer_mode: str = "exact"
     """lazy optimizer catch-up: 'exact' (equals dense AdamW) or 'paper' (s-DIET Eq. 18/20)."""
     seed: int = 0
@@ -185,6 +198,14 @@ class EvalConfig:
     """also evaluate the same backbone at random initialisation."""
     batch_size: int = 256
     """feature-extraction batch size."""
+    every_epochs: int = 0
+    """online kNN monitor: every K epochs (and before the first), log `eval/knn` (top-1 on fixed
+    subsets of the evaluation splits) to metrics.csv and TensorBoard; 0: off. It does not change the
+    training trajectory."""
+    online_bank: int = 10000
+    """samples of the bank split (data.eval_train_manifest) the online kNN uses (0: all)."""
+    online_queries: int = 5000
+    """samples of the query split (data.eval_test_manifest) the online kNN classifies (0: all)."""
 
 
 @dataclasses.dataclass
@@ -243,6 +264,9 @@ class RunConfig:
              "'batch' when head.store is 'memory' or 'disk' (full CE needs every row: use head.store=dense)"),
             (0.0 <= self.head.label_smoothing < 1.0, "head.label_smoothing", "a value in [0, 1)"),
             (self.head.optimizer_mode in ("exact", "paper"), "head.optimizer_mode", "'exact' or 'paper'"),
+            (self.head.lr_scale > 0, "head.lr_scale", "> 0"),
+            (self.head.weight_decay >= 0 or self.head.weight_decay == -1, "head.weight_decay", ">= 0, or -1"),
+            (self.head.init in ("random", "feature"), "head.init", "'random' or 'feature'"),
             (self.head.extra_negatives >= 0, "head.extra_negatives", ">= 0"),
             (self.head.lookahead >= 0, "head.lookahead", ">= 0"),
             (self.optim.name in ("adamw", "sgd"), "optim.name", "'adamw' or 'sgd'"),
@@ -273,6 +297,9 @@ class RunConfig:
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.model.projector in ("", "mlp"), "model.projector", "'' or 'mlp'"),
             (self.eval.knn_k >= 1, "eval.knn_k", ">= 1"),
+            (self.eval.every_epochs >= 0, "eval.every_epochs", ">= 0 (0: off)"),
+            (not self.eval.every_epochs or bool(self.data.eval_test_manifest), "eval.every_epochs",
+             "0 when data.eval_test_manifest is not set (the online kNN classifies its samples)"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -15,6 +15,14 @@ def load_manifest(data_cfg, which: str = "manifest") -> Manifest:
     if data_cfg.prepare_digits and not _manifest_file(path).exists():
         root = path.parent if path.name in ("train", "test") else path
         prepare_digits(root, overwrite=False)
+    if data_cfg.prepare_torchvision and not _manifest_file(path).exists():
+        from diet_engine.storage.shards import prepare_torchvision  # noqa: PLC0415
+
+        name, _, source = data_cfg.prepare_torchvision.partition(":")
+        if not source:
+            raise ValueError(f"data.prepare_torchvision={data_cfg.prepare_torchvision!r}: expected NAME:ROOT")
+        root = path.parent if path.name in ("train", "test") else path
+        prepare_torchvision(name, source, root, progress=False)
     if not _manifest_file(path).exists():
         raise FileNotFoundError(
             f"data.{which}: no manifest at {_manifest_file(path)}; create shards with `diet prepare` first"

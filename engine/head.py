@@ -22,6 +22,7 @@ Both produce the same head for the same seeds (tests/unit/engine/test_head_equiv
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -132,11 +133,14 @@ class DenseHead(Head, nn.Module):
 
     def __init__(self, num_rows: int, dim: int, lrs: np.ndarray, optim_cfg, *, loss: str = "batch",
                  label_smoothing: float = 0.8, logit_scale: float = 1.0, extra_negatives: int = 0,
-                 lookahead: int = 0, seed: int = 0, ce: BatchCE = batch_cross_entropy,
+                 lookahead: int = 0, seed: int = 0, init: str = "random", ce: BatchCE = batch_cross_entropy,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         nn.Module.__init__(self)
         self.num_rows, self.dim = num_rows, dim
         self.weight = nn.Parameter(head_init(seed, 0, num_rows, dim, dtype).to(device))  # (N, d)
+        # init='feature': rows not yet visited (a row is "visited" once its sample was in a batch)
+        self.fresh = torch.ones(num_rows, dtype=torch.bool, device=device) if init == "feature" else None
+        self._undo: tuple[torch.Tensor, torch.Tensor] | None = None  # rows replaced by features this step
         self.lrs = lrs
         self.kind = loss
         self.label_smoothing, self.logit_scale, self.extra = label_smoothing, logit_scale, extra_negatives
@@ -145,6 +149,8 @@ class DenseHead(Head, nn.Module):
 
     def loss(self, z, index, t):
         upcoming = self._upcoming()
+        if self.fresh is not None:
+            self._init_from_features(z, index)
         if self.kind == "full":  # original DIET: softmax over all N rows
             target = torch.as_tensor(index, device=z.device)
             return F.cross_entropy(self.logit_scale * z @ self.weight.T, target, label_smoothing=self.label_smoothing)
@@ -152,25 +158,51 @@ class DenseHead(Head, nn.Module):
         r = self.weight[torch.as_tensor(rows, device=z.device)]  # (M, d); backward scatters into a dense (N, d) grad
         return self.ce(z, r, torch.as_tensor(target, device=z.device), self.label_smoothing, self.logit_scale)
 
+    def _init_from_features(self, z: torch.Tensor, index: np.ndarray) -> None:
+        """Rows of samples seen for the first time become their feature (first occurrence in the batch)."""
+        rows, first = np.unique(index, return_index=True)
+        idx = torch.as_tensor(rows, device=self.weight.device)
+        new = self.fresh[idx]
+        if not bool(new.any()):
+            self._undo = None
+            return
+        idx = idx[new]
+        with torch.no_grad():
+            self._undo = (idx, self.weight[idx].clone())
+            self.weight[idx] = z.detach()[torch.as_tensor(first, device=z.device)[new.to(z.device)]].to(self.weight)
+            self.fresh[idx] = False
+
     def step(self, t):
         for g in self.opt.param_groups:
             g["lr"] = float(self.lrs[t - 1])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._undo = None
 
     def grads(self):
         return [self.weight.grad] if self.weight.grad is not None else []
 
     def discard(self):
         self.opt.zero_grad(set_to_none=True)
+        if self._undo is not None:  # rows set from this step's features go back to what they were
+            idx, old = self._undo
+            with torch.no_grad():
+                self.weight[idx] = old
+            self.fresh[idx] = True
+            self._undo = None
 
     def state_dict(self, *args, **kwargs):  # nn.Module's signature
-        return {"weight": self.weight.detach().cpu(), "optimizer": self.opt.state_dict()}
+        state = {"weight": self.weight.detach().cpu(), "optimizer": self.opt.state_dict()}
+        if self.fresh is not None:
+            state["fresh"] = self.fresh.cpu()
+        return state
 
     def load_state_dict(self, state, strict=True):
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.fresh is not None:
+            self.fresh.copy_(state["fresh"])
 
     def rows_at(self, index, T):
         w = self.weight.detach()[torch.as_tensor(index, device=self.weight.device)].cpu()  # (M, d)
@@ -185,9 +217,10 @@ class LazyHead(Head):
 
     def __init__(self, store: HeadStore, lrs: np.ndarray, optim_cfg, *, label_smoothing: float = 0.8,
                  logit_scale: float = 1.0, extra_negatives: int = 0, lookahead: int = 0, mode: str = "exact",
-                 batch_size: int = 256, ce: BatchCE = batch_cross_entropy,
+                 batch_size: int = 256, init: str = "random", ce: BatchCE = batch_cross_entropy,
                  device: torch.device | str = "cpu") -> None:
         self.store = store
+        self.init_from_features = init == "feature"
         self.num_rows, self.dim = store.meta.num_rows, store.meta.dim
         self.lrs = lrs
         self.label_smoothing, self.logit_scale, self.extra = label_smoothing, logit_scale, extra_negatives
@@ -203,7 +236,10 @@ class LazyHead(Head):
     def loss(self, z, index, t):
         rows, target = candidate_rows(index, self._upcoming(), self.extra)
         block = self.store.read_rows(rows).to(self.device, non_blocking=True)  # host → device copy
+        fresh = block.step == 0  # (M,) rows never stepped: still as created
         self.opt.catch_up(block.rows, t)  # rows now at t-1
+        if self.init_from_features:
+            _init_from_features(block, fresh, z, index, target)
         self._block = block
         self._rows = block.weight.detach().requires_grad_(True)  # (M, d)
         return self.ce(z, self._rows, torch.as_tensor(target, device=z.device), self.label_smoothing, self.logit_scale)
@@ -247,13 +283,38 @@ class LazyHead(Head):
         self.store.close()
 
 
+def _init_from_features(block: RowBlock, fresh: torch.Tensor, z: torch.Tensor, index: np.ndarray,
+                        target: np.ndarray) -> None:
+    """head.init='feature': a fresh row (never stepped) of a batch sample becomes the sample's feature.
+
+    The sample's first occurrence in the batch gives it; moments stay zero (as created). The dense
+    head does the same with its own first-visit mask, so both stay equal."""
+    in_batch = torch.zeros_like(fresh)
+    first = np.unique(index, return_index=True)[1]  # first occurrence of each distinct sample
+    pos = torch.as_tensor(target[first], device=fresh.device)  # their rows' positions in the block
+    in_batch[pos] = True
+    take = fresh & in_batch
+    if bool(take.any()):
+        src = torch.full((len(fresh),), -1, dtype=torch.int64, device=fresh.device)
+        src[pos] = torch.as_tensor(first, device=fresh.device)
+        block.weight[take] = z.detach()[src[take].to(z.device)].to(block.weight)
+
+
 # ---------------------------------------------------------------------------------------- factory
+
+
+def head_optim_config(cfg):
+    """The optim section the head's optimizer uses: the run's, with head.weight_decay when set."""
+    if cfg.head.weight_decay < 0:
+        return cfg.optim
+    return dataclasses.replace(cfg.optim, weight_decay=cfg.head.weight_decay)
 
 
 def head_meta(cfg, num_rows: int, dim: int, dtype: torch.dtype, chunk_rows: int) -> HeadMeta:
     """The metadata a run's head store is created with (and checked against when reopened)."""
     return HeadMeta(num_rows=num_rows, dim=dim, dtype=str(dtype).removeprefix("torch."),
-                    optimizer=head_optimizer_meta(cfg.optim, cfg.head.optimizer_mode), chunk_rows=int(chunk_rows))
+                    optimizer=head_optimizer_meta(head_optim_config(cfg), cfg.head.optimizer_mode),
+                    chunk_rows=int(chunk_rows))
 
 
 def open_train_store(cfg, meta: HeadMeta, *, run_dir: str | Path, rank: int = 0, world: int = 1,
@@ -284,9 +345,11 @@ def build_head(cfg, lrs: np.ndarray, *, num_rows: int, dim: int, store: HeadStor
         raise ValueError(f"train.batch_ce={cfg.train.batch_ce}: a global batch cross-entropy needs head.loss=batch "
                          f"(got head.loss={h.loss!r})")
     common = dict(label_smoothing=h.label_smoothing, logit_scale=h.logit_scale, extra_negatives=h.extra_negatives,
-                  lookahead=h.lookahead, ce=ce, device=device)
+                  lookahead=h.lookahead, init=h.init, ce=ce, device=device)
+    lrs = np.asarray(lrs) * h.lr_scale if h.lr_scale != 1.0 else lrs  # the backbone's schedule, scaled
+    optim = head_optim_config(cfg)
     if h.store == "dense":
-        return DenseHead(num_rows, dim, lrs, cfg.optim, loss=h.loss, seed=h.seed, dtype=dtype, **common)
+        return DenseHead(num_rows, dim, lrs, optim, loss=h.loss, seed=h.seed, dtype=dtype, **common)
     if store is None:
         raise ValueError(f"head.store={h.store!r} needs a head store")
-    return LazyHead(store, lrs, cfg.optim, mode=h.optimizer_mode, batch_size=cfg.train.batch_size * world, **common)
+    return LazyHead(store, lrs, optim, mode=h.optimizer_mode, batch_size=cfg.train.batch_size * world, **common)

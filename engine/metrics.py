@@ -34,11 +34,25 @@ class MetricsLogger:
             self._fields = list(row)
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerow(self._fields)
+        elif any(k not in self._fields for k in row):  # a new column (e.g. the online kNN): widen the file
+            self._widen([k for k in row if k not in self._fields])
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self._fields])
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, float(v), step)
+
+    def _widen(self, new: list[str]) -> None:
+        """Rewrite metrics.csv with `new` columns appended (empty in earlier rows); temp name + rename."""
+        with self.path.open(newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        self._fields = [*self._fields, *new]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(self._fields)
+            w.writerows(r + [""] * (len(self._fields) - len(r)) for r in rows)
+        tmp.replace(self.path)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -50,7 +50,7 @@ RESUME_FREE = (
     "train.run_dir", "train.resume", "train.allow_changes", "train.max_steps", "train.checkpoint_every",
     "train.preempt_signal", "train.max_nonfinite_steps",
     "train.keep_checkpoints", "train.log_every", "train.progress", "head.memory_budget_mb",
-    "data.eval_train_manifest", "data.eval_test_manifest", "data.prepare_digits", "eval",
+    "data.eval_train_manifest", "data.eval_test_manifest", "data.prepare_digits", "data.prepare_torchvision", "eval",
 )
 
 

@@ -117,6 +117,13 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of `epoch` already consumed
         self.nonfinite_skipped = 0  # steps not applied because their loss or gradients were not finite
         self.nonfinite_in_row = 0
+        self.online = None  # the online kNN monitor (eval.every_epochs), rank 0
+        if cfg.eval.every_epochs and self.is_main:
+            from diet_engine.engine.evaluation.online import OnlineKnn  # noqa: PLC0415
+
+            which = "eval_train_manifest" if cfg.data.eval_train_manifest else "manifest"
+            self.online = OnlineKnn(cfg, load_manifest(cfg.data, which), load_manifest(cfg.data, "eval_test_manifest"),
+                                    self.device)
         self.checkpoints = CheckpointManager(self.run_dir, self.engine, position=self, head=self.head,
                                              is_main=self.is_main, keep=cfg.train.keep_checkpoints)
         if cfg.train.resume == "true":
@@ -163,6 +170,8 @@ class Trainer:
         last_loss = float("nan")
         preempted = None
         with StopRequest(cfg.train.preempt_signal, self.device, self.world) as stop:
+            if self.step == 0:
+                self.monitor()  # the curve's epoch 0: the backbone at random init
             while self.step < self.total_steps and preempted is None:
                 if self.head is not None:
                     self.head.start_epoch(self.loader.plan(self.epoch), self.batch_in_epoch)
@@ -194,6 +203,8 @@ class Trainer:
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
+                    if self.epoch % max(cfg.eval.every_epochs, 1) == 0 or self.step >= self.total_steps:
+                        window_t += self.monitor()  # img/s counts training time only
             bar.close()
             train_time = time.perf_counter() - t0
             self.save_checkpoint()  # a second signal meanwhile is reported and ignored (see StopRequest)
@@ -202,6 +213,19 @@ class Trainer:
         self.metrics.close()
         return {"steps": self.step, "train_time_s": train_time, "final_loss": last_loss, "preempted": preempted,
                 "nonfinite_skipped": self.nonfinite_skipped}
+
+    def monitor(self) -> float:
+        """Online kNN (eval.every_epochs): logged at the current step with the epoch and its own time
+        (returned, in seconds)."""
+        if self.online is None:
+            return 0.0
+        t0 = time.perf_counter()
+        knn = self.online(self.model)
+        self.metrics.log(self.step, {"epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+                                     "eval/knn": knn, "eval/time_s": time.perf_counter() - t0})
+        print(f"diet train: epoch {self.epoch}: online kNN {100 * knn:.2f}% ({self.online.sizes[0]} bank, "
+              f"{self.online.sizes[1]} queries)", file=sys.stderr, flush=True)
+        return time.perf_counter() - t0
 
     def train_step(self, batch) -> torch.Tensor | None:
         """One optimizer step t = self.step + 1 over the batch; None if the step was not applied

@@ -36,6 +36,8 @@ _BENCHES = {
     "train-method": ("benchmarks.train.method", "s-DIET vs supervised step time, same backbone and loader"),
     "train-ranks": ("benchmarks.train.ranks", "diet train throughput with 1 and 2 ranks"),
     "train-scale": ("benchmarks.train.scale", "end to end at ImageNet scale: disk head, SIGKILL and resume"),
+    "real-data": ("benchmarks.train.real_data",
+                  "DIET learning Fashion-MNIST vs raw pixels, random init, SimCLR, supervised; DIET variants"),
     # memory
     "memory": ("benchmarks.memory.harness", "peak memory of DIET / s-DIET / SimCLR / supervised across N"),
     # the s-DIET paper's checks
