@@ -27,6 +27,9 @@ class DataConfig:
     """labelled split used as the kNN bank / probe training set ('' = the training manifest)."""
     eval_test_manifest: str = ""
     """labelled split evaluated by kNN / probe / RankMe ('' = no evaluation)."""
+    train_shards: int = 0
+    """train on the first K shards of `manifest` only (samples 0..n-1: the head has n rows); 0: all.
+    A budget knob: fewer rows, each visited more often in the same time."""
     image_size: int = 16
     """side of the square crops fed to the backbone."""
     channels: int = 3
@@ -295,6 +298,7 @@ class RunConfig:
             (0 < self.data.crop_scale_min <= 1, "data.crop_scale_min", "in (0, 1]"),
             (0.0 <= self.data.erasing <= 1.0, "data.erasing", "a probability in [0, 1]"),
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
+            (self.data.train_shards >= 0, "data.train_shards", ">= 0 (0: all)"),
             (self.model.projector in ("", "mlp"), "model.projector", "'' or 'mlp'"),
             (self.eval.knn_k >= 1, "eval.knn_k", ">= 1"),
             (self.eval.every_epochs >= 0, "eval.every_epochs", ">= 0 (0: off)"),

@@ -27,7 +27,10 @@ def load_manifest(data_cfg, which: str = "manifest") -> Manifest:
         raise FileNotFoundError(
             f"data.{which}: no manifest at {_manifest_file(path)}; create shards with `diet prepare` first"
         )
-    return Manifest.load(path)
+    manifest = Manifest.load(path)
+    if which == "manifest" and data_cfg.train_shards:
+        manifest = manifest.first_shards(data_cfg.train_shards)
+    return manifest
 
 
 def _manifest_file(path: Path) -> Path:

@@ -36,6 +36,8 @@ _BENCHES = {
     "train-method": ("benchmarks.train.method", "s-DIET vs supervised step time, same backbone and loader"),
     "train-ranks": ("benchmarks.train.ranks", "diet train throughput with 1 and 2 ranks"),
     "train-scale": ("benchmarks.train.scale", "end to end at ImageNet scale: disk head, SIGKILL and resume"),
+    "convergence": ("benchmarks.train.convergence",
+                    "faster DIET convergence on Fashion-MNIST: one change at a time, kNN on a validation split"),
     "real-data": ("benchmarks.train.real_data",
                   "DIET learning Fashion-MNIST vs raw pixels, random init, SimCLR, supervised; DIET variants"),
     # memory

@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="runs to do (default: all)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the preset's)")
     p.add_argument("--eval-every", type=int, default=1, help="online kNN every K epochs (the curves)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="options added to every run, e.g. data.train_shards=10 (a shorter study)")
     p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 epochs of a few steps, 4 runs")
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
     p.add_argument("--work", default=str(WORK))
@@ -98,7 +100,7 @@ def _options(a: argparse.Namespace, data: Path) -> list[str]:
                  "--eval.online_bank=500", "--eval.online_queries=200", "--eval.probe_epochs=5"]
     elif a.epochs:
         opts.append(f"--train.epochs={a.epochs}")
-    return opts
+    return opts + [f"--{kv}" for kv in a.set]
 
 
 def _train(run: Path, args: list[str], threads: int | None) -> dict:

@@ -184,6 +184,17 @@ class Manifest:
     def shard_paths(self) -> list[Path]:
         return [self.root / s.file for s in self.shards]
 
+    def first_shards(self, k: int) -> Manifest:
+        """The manifest of the first `k` shards: samples 0..n-1 of this one (a training subset whose
+        indices stay contiguous, so its head has n rows). The image statistics stay the full set's."""
+        if not 1 <= k <= self.num_shards:
+            raise ValueError(f"{self.root}: cannot take the first {k} of {self.num_shards} shards")
+        if k == self.num_shards:
+            return self
+        shards = self.shards[:k]
+        return dataclasses.replace(self, shards=shards, num_samples=sum(s.num_samples for s in shards),
+                                   source={**self.source, "first_shards": k}, root=self.root)
+
     def shard_of(self, index: np.ndarray | int) -> np.ndarray | int:
         """Shard id holding each global index. O(log S) per index."""
         return np.searchsorted(self.first_indices(), index, side="right") - 1

@@ -385,3 +385,22 @@ def test_flat_and_torchvision_layouts_give_identical_shards(tmp_path):
         for p in sorted((tmp_path / "a" / split).glob("*.tar")):
             assert p.read_bytes() == (tmp_path / "b" / split / p.name).read_bytes()
     shutil.rmtree(tmp_path / "a")
+
+
+def test_training_config_prepares_missing_shards_from_idx_files(tmp_path):
+    """`data.prepare_torchvision=NAME:ROOT` (the fashion-mnist preset): missing shards are written on
+    first use, then read as they are."""
+    from diet_engine.engine.config import RunConfig
+    from diet_engine.engine.data import load_manifest
+
+    arrays = _write_idx(tmp_path / "flat", gz=True)
+    cfg = RunConfig()
+    cfg.data.manifest = str(tmp_path / "fm" / "train")
+    cfg.data.prepare_torchvision = f"FashionMNIST:{tmp_path / 'flat'}"
+    m = load_manifest(cfg.data)
+    assert m.num_samples == len(arrays["train-labels-idx1-ubyte"]) and (tmp_path / "fm" / "test").is_dir()
+    assert load_manifest(cfg.data).num_samples == m.num_samples
+    cfg.data.prepare_torchvision = "FashionMNIST"
+    cfg.data.manifest = str(tmp_path / "other" / "train")
+    with pytest.raises(ValueError, match="NAME:ROOT"):
+        load_manifest(cfg.data)
