@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default=str(WORK))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="real_data", help="file name stem of the results")
+    p.add_argument("--keep", action="store_true",
+                   help="reuse runs already finished under --work with the same options (rerun the rest)")
 
 
 def _data(a: argparse.Namespace, work: Path) -> Path:
@@ -103,10 +105,14 @@ def _options(a: argparse.Namespace, data: Path) -> list[str]:
     return opts + [f"--{kv}" for kv in a.set]
 
 
-def _train(run: Path, args: list[str], threads: int | None) -> dict:
+def _train(run: Path, args: list[str], threads: int | None, keep: bool = False) -> dict:
     """`diet train` with its end-of-run evaluation; the report, the metrics and the wall time."""
     import subprocess  # noqa: PLC0415
 
+    done = run / "final_report.json"
+    if keep and done.exists() and run.with_name(run.name + ".log").read_text().split("\n")[0].endswith(" ".join(args)):
+        report = json.loads(done.read_text())
+        return {"wall_s": report["wall_time_s"]["total"], "report": report, "metrics": read_metrics(run)}
     shutil.rmtree(run, ignore_errors=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if threads:
@@ -210,7 +216,7 @@ def run(a: argparse.Namespace) -> int:
     results, rows, curves = {}, [], {}
     for name in names:
         print(f"real-data: {name} ...", flush=True)
-        results[name] = r = _train(work / f"real_data-{name}", [*opts, *RUNS[name]], a.threads)
+        results[name] = r = _train(work / f"real_data-{name}", [*opts, *RUNS[name]], a.threads, a.keep)
         rows.append(_row(name, r, epochs))
         curves[name] = [(m["epoch"], m["eval/knn"]) for m in r["metrics"] if "eval/knn" in m]
         print(f"real-data: {name}: kNN {100 * rows[-1]['knn']:.2f}% in {r['wall_s']:.0f} s", flush=True)
