@@ -128,3 +128,39 @@ def test_older_checkpoint_format_is_refused_naming_both_versions(tmp_path):
     torch.save(state, folder / "mp_rank_00_model_states.pt")
     with pytest.raises(ValueError, match="format version 2 != 3"):
         _manager(tmp_path, MemoryHeadStore(_meta())).load()
+
+
+def test_head_export_reads_every_rank_rows_file(tmp_path):
+    """`diet head export` of a 2-rank memory-head run: each rank's store holds all N rows but steps
+    only its own; the export takes every row from the rank that stepped it (its rows file)."""
+    import zarr
+
+    from diet_engine.engine.config import RunConfig
+    from diet_engine.engine.head import head_meta
+    from diet_engine.launch.head import export_head
+
+    run, T = tmp_path / "run", 5
+    run.mkdir()
+    cfg = RunConfig()
+    cfg.head.store = "memory"
+    cfg.save(run / "config.json")
+    np.save(run / "lr_schedule.npy", np.full(10, 1e-3))
+    ckpt = run / "checkpoints" / "step_00000005"
+    ckpt.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000005\n")
+    meta = head_meta(cfg, N, D, torch.float32, 16)
+    want = torch.empty(N, D)
+    for r in range(2):
+        store = MemoryHeadStore(meta, seed=cfg.head.seed)
+        own = np.arange(r, N, 2)  # rank r's rows, stepped at T: export leaves them as they are
+        b = store.read_rows(own)
+        weight = torch.randn(len(own), D, generator=torch.Generator().manual_seed(r))
+        store.write_rows(RowBlock(own, weight, b.exp_avg + 0.5, b.exp_avg_sq + 0.25, torch.full((len(own),), T)))
+        store.commit(T)
+        want[own] = weight
+        state = {"step": T, "world_size": 2, "head": {"store": store.save_files(ckpt, f"head_rank{r}")}}
+        torch.save(state, ckpt / f"client_state_rank{r}.pt")
+        if r == 0:
+            torch.save(state, ckpt / "mp_rank_00_model_states.pt")  # DeepSpeed's copy: rank 0's
+    got = zarr.open_group(str(export_head(run, tmp_path / "head.zarr")), mode="r")["weight"][:]
+    assert torch.equal(torch.from_numpy(got), want)
