@@ -243,15 +243,24 @@ def raw_sequential_bandwidth(folder: Path, gib: float = 4.0, block_mib: int = 16
 
 
 class TreeRSS:
-    """Peak resident set of a process and of it plus its children (loader workers), sampled every `period` s."""
+    """Peak resident set of a process and of it plus its children (loader workers), sampled every `period` s.
+
+    `mark()` splits the run in two: `peak_tree_before_mark` and `peak_tree_after_mark` (e.g. training
+    steps vs the final checkpoint); before any mark, both stay 0."""
 
     def __init__(self, pid: int, period: float = 0.1) -> None:
         import psutil  # noqa: PLC0415
 
         self.proc = psutil.Process(pid)
         self.peak_main = self.peak_tree = 0
+        self.peak_tree_before_mark = self.peak_tree_after_mark = 0
+        self.marked = False
         self._period, self._stop = period, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
+
+    def mark(self) -> None:
+        """From now on, samples count towards `peak_tree_after_mark`."""
+        self.peak_tree_before_mark, self.marked = self.peak_tree, True
 
     def _run(self) -> None:
         import psutil  # noqa: PLC0415
@@ -268,6 +277,8 @@ class TreeRSS:
             except psutil.Error:  # exited
                 return
             self.peak_main, self.peak_tree = max(self.peak_main, main), max(self.peak_tree, main + kids)
+            if self.marked:
+                self.peak_tree_after_mark = max(self.peak_tree_after_mark, main + kids)
             time.sleep(self._period)
 
     def __enter__(self) -> TreeRSS:

@@ -2,16 +2,20 @@
 
 Layout under `<run_dir>/checkpoints/`: one folder per checkpoint `step_00001234/` written by
 DeepSpeed (`save_checkpoint` with the engine's own state in `client_state`), and a `latest` file.
+A head whose rows live in RAM also writes them there, one file per rank (`head_rank{r}.safetensors`,
+block by block: storage/head/rows_file.py); `client_state` keeps only its metadata, size and checksums.
 
 Protocol for step S (crash-safe at every instant):
   1. `head.commit(S)`: every head row durable at S (the disk store keeps undo data back to the
      previous commit, so a crash before step 3 can still roll it back).
-  2. DeepSpeed writes `checkpoints/.tmp-step_S/` (every rank), then rank 0 renames it to
-     `step_S/` (atomic on POSIX).
+  2. every rank writes its head files (`head.save_files`: temp name, fsync, rename) into
+     `checkpoints/.tmp-step_S/`, then DeepSpeed writes its files there (every rank), then rank 0
+     renames the folder to `step_S/` (atomic on POSIX).
   3. rank 0 replaces `latest` (temp name + rename), then prunes old checkpoints.
 Resume reads `latest`, loads it with `torch.load(weights_only=True)` (never unpickling objects),
-and `head.recover(S)`; it first deletes unfinished checkpoints (newer than `latest`), and with no
-checkpoint at all it rolls the head back to its creation (`recover(0)`).
+the head's files (`head.load_files`, checked against their recorded sizes and checksums) and
+`head.recover(S)`; it first deletes unfinished checkpoints (newer than `latest`, with whatever
+head files they hold), and with no checkpoint at all it rolls the head back to its creation (`recover(0)`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from diet_engine.engine.distributed import barrier
 from diet_engine.storage.faults import fault_point
 
-FORMAT_VERSION = 2  # 2: the head's state is its store's own (`{'store': ...}`)
+FORMAT_VERSION = 3  # 2: the head's state is its store's own (`{'store': ...}`); 3: a memory store's rows in a file
 BACKBONE_FORMAT_VERSION = 1  # the exported backbone file (safetensors + metadata)
 
 
@@ -74,8 +79,9 @@ class CheckpointManager:
     `engine`: the DeepSpeed engine (backbone, its optimizer, objective parameters), which writes the
     checkpoint folder. `position`: where training stands (the trainer: step, epoch, batch in epoch,
     world size), stored at the top of DeepSpeed's `client_state`. `head`: the DIET head (or None),
-    committed before the folder is written and recovered after it is read; its `state_dict` is
-    its own (rows for an in-memory store, metadata only for a store durable by itself).
+    committed before the folder is written and recovered after it is read; its checkpoint is its
+    own (`save_files`: an in-memory store's rows as a file of the folder, metadata only for a store
+    durable by itself).
     """
 
     def __init__(self, run_dir: str | Path, engine, *, position: Stateful, head=None, is_main: bool = True,
@@ -83,6 +89,7 @@ class CheckpointManager:
         self.run_dir, self.root = Path(run_dir), checkpoint_dir(run_dir)
         self.engine, self.position, self.head = engine, position, head
         self.is_main, self.keep = is_main, keep
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0  # names its head file
 
     def save(self, step: int) -> Path:
         """Checkpoint the components at `step` (a no-op if that step is already saved)."""
@@ -93,14 +100,16 @@ class CheckpointManager:
             return final
         if self.head is not None:
             self.head.commit(step)
-        client_state = {"format_version": FORMAT_VERSION, **self.position.state_dict(),
-                        "head": self.head.state_dict() if self.head is not None else None}
         tmp_tag = f".tmp-{tag}"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(root / tmp_tag, ignore_errors=True)
         barrier()
         try:
+            (root / tmp_tag).mkdir(parents=True, exist_ok=True)
+            # a memory head's rows go to this rank's file, block by block (no copy of the head)
+            head = self.head.save_files(root / tmp_tag, f"head_rank{self.rank}") if self.head is not None else None
+            client_state = {"format_version": FORMAT_VERSION, **self.position.state_dict(), "head": head}
             self.engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
             if self.is_main:
@@ -141,7 +150,7 @@ class CheckpointManager:
         self.position.load_state_dict(position)
         step = int(position["step"])
         if self.head is not None:
-            self.head.load_state_dict(client_state["head"])  # in-memory heads: the rows are in the checkpoint
+            self.head.load_files(self.root / tag, client_state["head"])  # in-memory heads: the rows file
             self.head.recover(step)  # disk heads: roll rows written after the checkpoint back
         return step
 

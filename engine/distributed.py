@@ -7,9 +7,9 @@ Three things DeepSpeed does not do for us, fixed here:
 * checkpoints load through `torch.load(weights_only=True)`; a ZeRO-1/2 optimizer shard pickles three
   plain-data DeepSpeed classes, which are allow-listed for our loads only;
 * DeepSpeed writes `client_state` from data-parallel rank 0 only (inside `mp_rank_00_model_states.pt`)
-  and hands that same dict to every rank on load; the engine's per-rank state (the rank's head rows
-  when they live in RAM) is therefore also written by each rank to `client_state_rank{r}.pt` in the
-  checkpoint folder and read back by that rank;
+  and hands that same dict to every rank on load; the engine's per-rank state (the record of the
+  rank's head rows file when they live in RAM) is therefore also written by each rank to
+  `client_state_rank{r}.pt` in the checkpoint folder and read back by that rank;
 * `torch.nn.SyncBatchNorm` refuses CPU tensors; `HostSyncBatchNorm` is the same layer that also
   synchronises statistics over gloo (used by the CPU multi-rank runs and tests).
 

@@ -99,6 +99,16 @@ class Head(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
 
+    def save_files(self, folder: Path, name: str) -> dict:
+        """Checkpoint hook: the head's state, its large parts written as files into `folder` (names
+        starting with `name`), the rest returned for the checkpoint's client state. Default: all of
+        `state_dict()` returned (a dense head; a disk store's metadata)."""
+        return self.state_dict()
+
+    def load_files(self, folder: Path, state: dict) -> None:
+        """Resume hook: restore a `save_files(folder, ...)` result."""
+        self.load_state_dict(state)
+
     def commit(self, step: int) -> None:  # noqa: B027 - durable heads only
         """Checkpoint hook: make the head durable at `step` (disk stores)."""
 
@@ -263,6 +273,12 @@ class LazyHead(Head):
 
     def load_state_dict(self, state):
         self.store.load_state_dict(state["store"])
+
+    def save_files(self, folder, name):
+        return {"store": self.store.save_files(folder, name)}  # a memory store: its rows file, block by block
+
+    def load_files(self, folder, state):
+        self.store.load_files(folder, state["store"])
 
     def commit(self, step):
         self.store.commit(step)

@@ -101,9 +101,10 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     lrs = np.load(run_dir / "lr_schedule.npy")
-    client = _client_state(checkpoint_dir(run_dir) / tag)
+    ckpt = checkpoint_dir(run_dir) / tag
+    client = _client_state(ckpt)
     T, world = int(client["step"]), int(client["world_size"])
-    sources = _row_sources(cfg, run_dir, client, lrs, world)
+    sources = _row_sources(cfg, run_dir, ckpt, client, lrs, world)
     n, d = sources[0][0].num_rows, sources[0][0].dim
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,10 +135,20 @@ def _client_state(ckpt: Path) -> dict:
     return {k: state[k] for k in ("step", "world_size", "head") if k in state}
 
 
-def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) -> list:
-    """The run's head as it stood at the checkpoint, one read-only head per rank store (`build_head`,
-    the trainer's factory): a dense head from the checkpoint's weights, a memory store from its
-    rows, or each rank's Zarr store. Pairs (head, rows it holds: (N,) bool, None for all)."""
+def _rank_head_state(ckpt: Path, rank: int) -> dict:
+    """Rank `rank`'s head entry of a several-rank checkpoint: its own client state file
+    (`client_state_rank{r}.pt`, engine/distributed.py), loaded without unpickling objects."""
+    path = ckpt / f"client_state_rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: rank {rank}'s part of checkpoint {ckpt.name} is missing")
+    return torch.load(path, map_location="cpu", weights_only=True)["head"]
+
+
+def _row_sources(cfg, run_dir: Path, ckpt: Path, client: dict, lrs: np.ndarray, world: int) -> list:
+    """The run's head as it stood at the checkpoint `ckpt`, one read-only head per rank store
+    (`build_head`, the trainer's factory): a dense head from the checkpoint's weights, each rank's
+    memory store from its rows file in `ckpt` (read block by block: one copy of the head per rank in
+    RAM), or each rank's Zarr store. Pairs (head, rows it holds: (N,) bool, None for all)."""
     from diet_engine.engine.head import build_head  # noqa: PLC0415
     from diet_engine.storage.head import MemoryHeadStore, ZarrHeadStore  # noqa: PLC0415
 
@@ -148,8 +159,9 @@ def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) 
         head.load_state_dict(head_state)
         return [(head, None)]
     state = head_state["store"]
-    if cfg.head.store == "memory":
-        stores = [MemoryHeadStore.from_state_dict(state, read_only=True)]
+    if cfg.head.store == "memory":  # every rank's store holds all N rows; a row's owner stepped it (newest stamp)
+        states = [state] if world == 1 else [_rank_head_state(ckpt, r)["store"] for r in range(world)]
+        stores = [MemoryHeadStore.from_files(ckpt, s, read_only=True) for s in states]
     else:
         from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
         from diet_engine.storage.head import HeadMeta  # noqa: PLC0415

@@ -12,6 +12,9 @@ Points (each a `fault_point(name)` call):
     roll the head back to the one-but-newest commit.
   * `latest` (engine/checkpoint.py `save`): `step_S/` renamed into place, `latest` not yet updated:
     resume must use the previous checkpoint and not mistake the orphan `step_S/` for a saved step.
+  * `rows` (storage/head/rows_file.py `write_rows_file`): a memory head's rows file of checkpoint S
+    half written (its first block) under its temp name in `.tmp-step_S/`: resume must use the
+    previous checkpoint. Reached once per rows file.
 Counts are per process. tests/integration/test_train_sigkill.py uses this to land kills inside
 these windows deterministically (random-moment kills cover the rest). With the variable unset, as
 always outside that test, `fault_point` costs one check of an empty dict.
@@ -24,7 +27,7 @@ import signal
 import threading
 
 ENV = "DIET_FAULT_KILL"
-POINTS = ("scatter", "checkpoint", "latest")
+POINTS = ("scatter", "checkpoint", "latest", "rows")
 
 
 def _parse(spec: str) -> dict[str, int]:

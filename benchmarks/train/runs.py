@@ -29,12 +29,14 @@ def read_metrics(run: Path) -> list[dict[str, float]]:
 
 
 def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_step: int | None = None,
-          log: Path | None = None, timeout: float = 7200) -> dict:
+          mark_at_step: int | None = None, log: Path | None = None, timeout: float = 7200) -> dict:
     """`python -m diet_engine.launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once
     `kill_at_step` is logged.
 
     Returns wall time, return code, peak RSS (main process, and with children) and the metrics rows
-    this invocation appended to metrics.csv.
+    this invocation appended to metrics.csv. With `mark_at_step` (e.g. the run's last step), also the
+    tree's peak RSS before and after that step is logged (`peak_rss_tree_{before,after}_mark_GB`:
+    the steps vs the final checkpoint and export); metrics.csv is then polled every 0.05 s.
     """
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if threads:
@@ -63,14 +65,19 @@ def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_ste
                         killed = True
                         proc.wait()
                         break
-                time.sleep(0.2)
+                if mark_at_step is not None and not rss.marked:
+                    rows = read_metrics(run)
+                    if rows and rows[-1]["step"] >= mark_at_step:
+                        rss.mark()
+                time.sleep(0.05 if mark_at_step is not None and not rss.marked else 0.2)
     wall = time.perf_counter() - t0
     rc = proc.returncode
     if rc != 0 and not killed:
         raise RuntimeError(f"diet train failed (rc {rc}):\n{log.read_text()[-4000:]}")
     rows = read_metrics(run)[before:]
     return {"wall_s": wall, "rc": rc, "killed": killed, "peak_rss_main_GB": rss.peak_main / GB,
-            "peak_rss_tree_GB": rss.peak_tree / GB, "rows": rows}
+            "peak_rss_tree_GB": rss.peak_tree / GB, "peak_rss_tree_before_mark_GB": rss.peak_tree_before_mark / GB,
+            "peak_rss_tree_after_mark_GB": rss.peak_tree_after_mark / GB, "rows": rows}
 
 
 def window_img_per_s(rows: list[dict[str, float]], skip: int = 1) -> list[float]:

@@ -17,6 +17,9 @@ Contract
 * `flush()` makes every accepted write durable; `close()` flushes and releases resources.
 * `commit(S)` / `recover(S)`: recovery points, see their docstrings. `commits` lists the steps
   `recover` can restore (the newest and the one-but-newest commit).
+* `save_files(folder, name)` / `load_files(folder, state)`: the store's part of a training
+  checkpoint. A store durable by itself writes no file (its `state_dict()`: metadata); the
+  in-memory store writes its rows to one file of the checkpoint folder, block by block.
 * `step_stamps` is the in-memory (N,) int64 vector of step stamps (the only O(N) host array).
 * A store opened read-only (`read_only`) serves reads; writes, commit and recover raise
   `HeadStoreReadOnlyError`.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -219,6 +223,17 @@ class HeadStore(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check a `state_dict()` against this store (N, d, dtype, optimizer); a memory store loads rows."""
         self.meta.check_compatible(HeadMeta.from_dict(state["meta"]), "checkpoint's head store")
+
+    def save_files(self, folder: Path, name: str) -> dict[str, Any]:
+        """A training checkpoint of the store (after `commit(S)`): large state written as files into
+        `folder` (the checkpoint's folder, not yet renamed into place; file names start with `name`,
+        one per rank), the rest returned to be kept in the checkpoint's client state. A store durable
+        by itself writes nothing and returns its `state_dict()`."""
+        return self.state_dict()
+
+    def load_files(self, folder: Path, state: dict[str, Any]) -> None:
+        """Restore a `save_files(folder, ...)` result (then the checkpoint calls `recover(S)`)."""
+        self.load_state_dict(state)
 
     def close(self) -> None:
         self.flush()

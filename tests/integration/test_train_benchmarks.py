@@ -23,6 +23,8 @@ def test_bench_train_head_store_smoke(tmp_path):
     assert [r["head"] for r in rows] == ["memory", "disk"]
     assert all(r["img_per_s"] > 0 for r in rows) and rows[0]["step_time_vs_memory"] == 1.0
     assert "Disk head vs memory head" in (tmp_path / "out" / "train_head_store.md").read_text()
+    assert all(r["peak_rss_checkpoint_GB"] > 0 and r["peak_rss_steps_GB"] > 0 for r in rows)  # split at the last step
+    assert "Memory head at the final checkpoint" in (tmp_path / "out" / "train_head_store.md").read_text()
 
 
 def test_bench_train_scale_smoke(tmp_path):

@@ -4,7 +4,8 @@ Each trial runs `python -m diet_engine.launch.cli train` (ResNet-18, 8 px digits
 every 6) in a subprocess and kills it with SIGKILL, either at a random moment (a random number of
 logged steps, then a random fraction of a step) or inside a chosen window through the test-only
 hook of storage/faults.py (`DIET_FAULT_KILL`): mid-scatter of head rows (rows torn on disk), after
-the head commit but before the checkpoint's rename, and after the rename but before `latest`. It
+the head commit but before the checkpoint's rename, and after the rename but before `latest`; and,
+with the head in RAM (`--head.store=memory`), mid-write of the checkpoint's rows file. It
 then restarts the run with `--train.resume=true` until it finishes. The final backbone, the exported
 head (`diet head export`) and the raw store (weights, both moments, step stamps) must equal the
 uninterrupted run's to fp32 tolerance, and every row must pass its checksum (reads verify them).
@@ -37,16 +38,17 @@ STEPS, EVERY = 40, 6
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cmd(digits_dir: Path, run: Path, resume: bool) -> list[str]:
+def _cmd(digits_dir: Path, run: Path, resume: bool, store: str = "disk") -> list[str]:
     return [sys.executable, "-m", "diet_engine.launch.cli", "train", "--no-eval", f"--data.manifest={digits_dir}/train",
             "--data.eval_train_manifest=", "--data.eval_test_manifest=", "--data.prepare_digits=false",
             "--data.image_size=8", "--data.crop_scale_min=0.5", "--model.backbone=resnet18",
             "--train.batch_size=32", "--train.epochs=2", f"--train.max_steps={STEPS}",
             f"--train.checkpoint_every={EVERY}", "--train.log_every=1", "--train.progress=false",
-            "--head.store=disk", f"--train.run_dir={run}", f"--train.resume={str(resume).lower()}"]
+            f"--head.store={store}", f"--train.run_dir={run}", f"--train.resume={str(resume).lower()}"]
 
 
-def _start(digits_dir: Path, run: Path, resume: bool, fault: str | None = None) -> subprocess.Popen:
+def _start(digits_dir: Path, run: Path, resume: bool, fault: str | None = None,
+           store: str = "disk") -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("DIET_FAULT_KILL", None)
     if fault:
@@ -54,7 +56,8 @@ def _start(digits_dir: Path, run: Path, resume: bool, fault: str | None = None) 
     log = (run.parent / f"{run.name}.log").open("a")
     log.write(f"\n=== {'resume' if resume else 'start'} fault={fault}\n")
     log.flush()
-    return subprocess.Popen(_cmd(digits_dir, run, resume), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(_cmd(digits_dir, run, resume, store), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
 def _log_tail(run: Path, n: int = 2500) -> str:
@@ -98,20 +101,23 @@ def _read_store(path: Path, finished: bool = True) -> dict[str, np.ndarray]:
         store.close()
 
 
-def _final_state(run: Path, out: Path) -> dict[str, dict]:
+def _final_state(run: Path, out: Path, store: str = "disk") -> dict[str, dict]:
     import zarr
     from safetensors.torch import load_file
 
     from diet_engine.launch.head import export_head
 
     exported = export_head(run, out)
-    return {"backbone": load_file(str(run / "backbone.safetensors")),
-            "head": {"exported": zarr.open_group(str(exported), mode="r")["weight"][:]},
-            "store": _read_store(run / "head.zarr")}
+    state = {"backbone": load_file(str(run / "backbone.safetensors")),
+             "head": {"exported": zarr.open_group(str(exported), mode="r")["weight"][:]}}
+    if store == "disk":
+        state["store"] = _read_store(run / "head.zarr")
+    return state
 
 
 def _assert_equal(got: dict, want: dict, what: str) -> None:
-    for group in ("backbone", "head", "store"):
+    assert set(got) == set(want), what
+    for group in want:
         for k, w in want[group].items():
             g = got[group][k]
             g, w = torch.as_tensor(np.asarray(g)), torch.as_tensor(np.asarray(w))
@@ -134,8 +140,8 @@ def reference(digits_dir, tmp_path_factory):
     return _final_state(run, base / "head.zarr")
 
 
-def _finish(digits_dir: Path, run: Path, what: str) -> None:
-    rc = _wait(_start(digits_dir, run, resume=True))
+def _finish(digits_dir: Path, run: Path, what: str, store: str = "disk") -> None:
+    rc = _wait(_start(digits_dir, run, resume=True, store=store))
     assert rc == 0, f"{what}: resumed run failed (rc {rc}, DIET_SIGKILL_SEED={SEED}):\n{_log_tail(run)}"
     assert latest_step(run) == STEPS, f"{what}: finished at checkpoint {latest_step(run)}, not {STEPS}"
 
@@ -192,3 +198,23 @@ def test_kill_at_random_moments(digits_dir, tmp_path, reference):
     assert any(k for *_, k in kills), f"no kill landed: {kills} (DIET_SIGKILL_SEED={SEED})"
     _finish(digits_dir, run, f"kills {kills}")
     _assert_equal(_final_state(run, tmp_path / "head.zarr"), reference, f"kills (steps, delay, landed) {kills}")
+
+
+def test_memory_head_kill_mid_rows_file(digits_dir, tmp_path):
+    """Head in RAM: killed while a checkpoint's rows file is half written under its temp name, first
+    in the run's first checkpoint (resume starts over), then in its second (resume loads the first);
+    the finished run equals an uninterrupted one."""
+    ref = tmp_path / "ref"
+    assert _wait(_start(digits_dir, ref, resume=False, store="memory")) == 0, _log_tail(ref)
+    want = _final_state(ref, tmp_path / "ref-head.zarr", "memory")
+    run = tmp_path / "run"
+    for i, fault in enumerate(["rows:1", "rows:2"]):
+        rc = _wait(_start(digits_dir, run, resume=i > 0, fault=fault, store="memory"))
+        what = f"memory head, kill at {fault}"
+        assert rc == -signal.SIGKILL, f"{what}: the run was not killed (rc {rc}):\n{_log_tail(run)}"
+        half = list((run / "checkpoints").glob(".tmp-step_*/.head_rank0.safetensors.tmp"))
+        assert half, f"{what}: no half-written rows file in {sorted((run / 'checkpoints').rglob('*'))}"
+        assert latest_step(run) == (0 if i == 0 else EVERY), what
+    _finish(digits_dir, run, "memory head, kills mid rows file", store="memory")
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    _assert_equal(_final_state(run, tmp_path / "head.zarr", "memory"), want, "memory head, kills mid rows file")

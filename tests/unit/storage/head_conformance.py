@@ -6,7 +6,8 @@ subclass supplies two fixtures:
 * `make_store(meta, seed=0) -> HeadStore`: a new, writable store (closed by the fixture);
 * `open_as(store, meta, read_only=False) -> HeadStore`: the same content opened as a new store
   object against `meta` (the on-disk store closes `store` and reopens its folder; the in-memory
-  one goes through `state_dict`). It must refuse a `meta` that does not match.
+  one goes through its checkpoint files, `save_files`/`load_files`). It must refuse a `meta` that
+  does not match.
 
 Every comparison is exact: a store moves bytes, it never computes.
 """

@@ -1,4 +1,4 @@
-"""MemoryHeadStore: the conformance suite plus its checkpoint (state_dict) round trip."""
+"""MemoryHeadStore: the conformance suite (reopened through its checkpoint files) plus its state_dict round trip."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ class TestMemoryHeadStore(HeadStoreConformance):
         return lambda meta, seed=0: MemoryHeadStore(meta, seed=seed)
 
     @pytest.fixture
-    def open_as(self):
-        def reopen(store, meta, read_only=False):
+    def open_as(self, tmp_path):
+        def reopen(store, meta, read_only=False):  # the way a training checkpoint saves and loads it
+            state = _through_torch_save(store.save_files(tmp_path, "head_rank0"))
             new = MemoryHeadStore(meta)
-            new.load_state_dict(_through_torch_save(store.state_dict()))
+            new.load_files(tmp_path, state)
             new.read_only = read_only
             return new
 
