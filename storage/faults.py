@@ -12,6 +12,9 @@ Points (each a `fault_point(name)` call):
     roll the head back to the one-but-newest commit.
   * `latest` (engine/checkpoint.py `save`): `step_S/` renamed into place, `latest` not yet updated:
     resume must use the previous checkpoint and not mistake the orphan `step_S/` for a saved step.
+  * `repartition` (storage/head/repartition.py): once per chunk linked into a new rank store and
+    once per rename of the switch: a kill inside the re-partition of the head between rank counts,
+    which must leave the old layout (build phase) or the new one (switch phase) after `finish`.
 Counts are per process. tests/integration/test_train_sigkill.py uses this to land kills inside
 these windows deterministically (random-moment kills cover the rest). With the variable unset, as
 always outside that test, `fault_point` costs one check of an empty dict.
@@ -24,7 +27,7 @@ import signal
 import threading
 
 ENV = "DIET_FAULT_KILL"
-POINTS = ("scatter", "checkpoint", "latest")
+POINTS = ("scatter", "checkpoint", "latest", "repartition")
 
 
 def _parse(spec: str) -> dict[str, int]:
