@@ -28,6 +28,7 @@ from diet_engine.engine.distributed import barrier
 from diet_engine.storage.faults import fault_point
 
 FORMAT_VERSION = 2  # 2: the head's state is its store's own (`{'store': ...}`)
+UNIVERSAL_DIR = "universal"  # checkpoints/universal/<tag>: a DeepSpeed universal copy (engine/reshard.py)
 BACKBONE_FORMAT_VERSION = 1  # the exported backbone file (safetensors + metadata)
 
 
@@ -79,10 +80,13 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, engine, *, position: Stateful, head=None, is_main: bool = True,
-                 keep: int = 2) -> None:
+                 keep: int = 2, universal: bool = False, head_state=None) -> None:
         self.run_dir, self.root = Path(run_dir), checkpoint_dir(run_dir)
         self.engine, self.position, self.head = engine, position, head
         self.is_main, self.keep = is_main, keep
+        # resuming on another rank count (engine/reshard.py): load DeepSpeed's universal copy of the
+        # checkpoint, and build the head's state with `head_state(folder, client_state)`
+        self.universal, self.head_state = universal, head_state
 
     def save(self, step: int) -> Path:
         """Checkpoint the components at `step` (a no-op if that step is already saved)."""
@@ -130,8 +134,17 @@ class CheckpointManager:
             if self.head is not None:
                 self.head.recover(0)
             return 0
-        path, client_state = self.engine.load_checkpoint(
-            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if self.universal:
+            from diet_engine.engine.distributed import weights_only_loads  # noqa: PLC0415
+
+            with weights_only_loads():  # DeepSpeed's universal loader calls torch.load(weights_only=False)
+                path, client_state = self.engine.load_checkpoint(
+                    str(self.root / UNIVERSAL_DIR), tag=tag, load_optimizer_states=True,
+                    load_lr_scheduler_states=False)
+            _load_buffers(self.engine, self.root / tag)
+        else:
+            path, client_state = self.engine.load_checkpoint(
+                str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None or client_state is None:
             raise RuntimeError(f"could not load checkpoint {tag} from {self.root}")
         if client_state.get("format_version") != FORMAT_VERSION:
@@ -141,9 +154,43 @@ class CheckpointManager:
         self.position.load_state_dict(position)
         step = int(position["step"])
         if self.head is not None:
-            self.head.load_state_dict(client_state["head"])  # in-memory heads: the rows are in the checkpoint
+            head_state = client_state["head"]
+            if self.head_state is not None:  # saved by another rank count
+                head_state = self.head_state(self.root / tag, client_state)
+            self.head.load_state_dict(head_state)  # in-memory heads: the rows are in the checkpoint
             self.head.recover(step)  # disk heads: roll rows written after the checkpoint back
         return step
+
+
+def _load_buffers(engine, folder: Path) -> None:
+    """Buffers (BatchNorm's running statistics) from the checkpoint's module state: DeepSpeed's
+    universal load restores parameters and optimizer state only (measured on deepspeed 0.19.8: the
+    running statistics kept their initial values)."""
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
+    saved = engine.checkpoint_engine.load(str(files[0]), map_location="cpu")["module"]
+    with torch.no_grad():
+        for name, buf in engine.module.named_buffers():
+            if name not in saved:
+                raise KeyError(f"{files[0]}: the checkpoint's module has no buffer {name!r}")
+            buf.copy_(saved[name])
+
+
+def read_client_state(folder: str | Path) -> dict:
+    """Rank 0's `client_state` of a checkpoint folder (the trainer's position and head entry), read
+    from DeepSpeed's model states file with weights_only=True."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
+    from diet_engine.engine.distributed import _deepspeed_checkpoint_globals  # noqa: PLC0415
+
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+        state = torch.load(files[0], map_location="cpu", weights_only=True)  # never unpickles objects
+    keys = ("format_version", "step", "epoch", "batch_in_epoch", "world_size", "nonfinite_skipped",
+            "epoch_segments", "lrs", "head")
+    return {k: state[k] for k in keys if k in state}
 
 
 def _prune(root: Path, keep: int) -> None:

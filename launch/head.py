@@ -54,7 +54,6 @@ def verify_head(run_dir: str | Path, progress: bool = True) -> dict:
 
     from diet_engine.engine.checkpoint import checkpoint_dir, latest_tag  # noqa: PLC0415
     from diet_engine.engine.config import ConfigError, RunConfig  # noqa: PLC0415
-    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
     from diet_engine.storage.head import ZarrHeadStore  # noqa: PLC0415
 
     run_dir = Path(run_dir)
@@ -64,7 +63,7 @@ def verify_head(run_dir: str | Path, progress: bool = True) -> dict:
                           "(a memory or dense head lives in the checkpoint)")
     tag = latest_tag(run_dir)
     world = int(_client_state(checkpoint_dir(run_dir) / tag)["world_size"]) if tag else 1
-    paths = [rank_store_path(cfg.head.store_path, run_dir, r, world) for r in range(world)]
+    paths = _store_roots(cfg, run_dir, world)
     t0, rows, nbytes = time.perf_counter(), 0, 0
     for path in paths:
         if not Path(path, "zarr.json").is_file():
@@ -103,7 +102,7 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     lrs = np.load(run_dir / "lr_schedule.npy")
     client = _client_state(checkpoint_dir(run_dir) / tag)
     T, world = int(client["step"]), int(client["world_size"])
-    sources = _row_sources(cfg, run_dir, client, lrs, world)
+    sources = _row_sources(cfg, run_dir, client, lrs, world, checkpoint_dir(run_dir) / tag)
     n, d = sources[0][0].num_rows, sources[0][0].dim
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -124,17 +123,28 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
 
 def _client_state(ckpt: Path) -> dict:
-    files = sorted(ckpt.glob("*model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt} holds no DeepSpeed model states")
-    from diet_engine.engine.distributed import _deepspeed_checkpoint_globals  # noqa: PLC0415
+    from diet_engine.engine.checkpoint import read_client_state  # noqa: PLC0415
 
-    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
-        state = torch.load(files[0], map_location="cpu", weights_only=True)  # never unpickles objects
-    return {k: state[k] for k in ("step", "world_size", "head") if k in state}
+    return read_client_state(ckpt)
 
 
-def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) -> list:
+def _store_roots(cfg, run_dir: Path, world: int) -> list[str]:
+    """The run's disk head stores: those its layout record names (the rank count may have changed
+    since the checkpoint, engine/reshard.py), else one per rank of the checkpoint's `world`."""
+    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
+    from diet_engine.engine.reshard import JOURNAL_FILE, LAYOUT_FILE  # noqa: PLC0415
+    from diet_engine.storage.head.repartition import read_layout  # noqa: PLC0415
+
+    if (run_dir / JOURNAL_FILE).exists():
+        raise HeadStoreError(f"{run_dir}: a re-partition of the head between rank counts was interrupted "
+                             f"({JOURNAL_FILE}); resume the run (`diet train --train.resume=true`) to finish it first")
+    layout = read_layout(run_dir / LAYOUT_FILE)
+    if layout is not None:
+        world = int(layout["world"])
+    return [rank_store_path(cfg.head.store_path, run_dir, r, world) for r in range(world)]
+
+
+def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int, folder: Path) -> list:
     """The run's head as it stood at the checkpoint, one read-only head per rank store (`build_head`,
     the trainer's factory): a dense head from the checkpoint's weights, a memory store from its
     rows, or each rank's Zarr store. Pairs (head, rows it holds: (N,) bool, None for all)."""
@@ -149,14 +159,19 @@ def _row_sources(cfg, run_dir: Path, client: dict, lrs: np.ndarray, world: int) 
         return [(head, None)]
     state = head_state["store"]
     if cfg.head.store == "memory":
+        if world > 1:  # each rank saved its own rows: merge them, each row from its owner
+            from diet_engine.engine.data import load_manifest  # noqa: PLC0415
+            from diet_engine.engine.reshard import memory_head_state  # noqa: PLC0415
+
+            m = load_manifest(cfg.data)
+            state = memory_head_state(folder, world, head_state, np.asarray(m.shard_counts()),
+                                      np.asarray(m.first_indices()))["store"]
         stores = [MemoryHeadStore.from_state_dict(state, read_only=True)]
     else:
-        from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
         from diet_engine.storage.head import HeadMeta  # noqa: PLC0415
 
         meta = HeadMeta.from_dict(state["meta"])
-        stores = [ZarrHeadStore.open(rank_store_path(cfg.head.store_path, run_dir, r, world), meta, mode="r")
-                  for r in range(world)]
+        stores = [ZarrHeadStore.open(root, meta, mode="r") for root in _store_roots(cfg, run_dir, world)]
     return [(build_head(cfg, lrs, num_rows=s.meta.num_rows, dim=s.meta.dim, store=s, world=world), _held(s))
             for s in stores]
 
