@@ -12,6 +12,8 @@ Protocol for step S (crash-safe at every instant):
 Resume reads `latest`, loads it with `torch.load(weights_only=True)` (never unpickling objects),
 and `head.recover(S)`; it first deletes unfinished checkpoints (newer than `latest`), and with no
 checkpoint at all it rolls the head back to its creation (`recover(0)`).
+A checkpoint written by another number of ranks loads too (engine/reshard.py): the backbone from
+DeepSpeed's universal copy `universal/<tag>` (ZeRO-1/2), the head's state from `head_state`.
 """
 
 from __future__ import annotations

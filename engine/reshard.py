@@ -28,7 +28,16 @@ Four parts of a run depend on the rank count, and each is carried over on its ow
   partition the optimizer state by rank: rank 0 converts the checkpoint with DeepSpeed's
   `ds_to_universal` into `checkpoints/universal/step_S/` and every rank loads it with
   `checkpoint.load_universal` (DeepSpeed's universal checkpoint; its loads are forced to
-  weights_only, see `distributed.weights_only_loads`). The folder is removed after the load.
+  weights_only, see `distributed.weights_only_loads`). The universal load restores parameters
+  and optimizer state but not buffers, so BatchNorm's running statistics are copied from the
+  checkpoint's module state (checkpoint.py `_load_buffers`). The folder is removed after the load.
+  ZeRO-0 is not converted: `ds_to_universal` reads ZeRO's `*_optim_states.pt` partitions, which a
+  stage-0 checkpoint does not have (FileNotFoundError), and `load_universal` loads weights through
+  the ZeRO optimizer only; a stage-0 checkpoint holds the whole model and optimizer and loads as is.
+
+Not covered: head.store=dense (each rank holds its own dense head; refused), node-local disk
+stores that rank 0 cannot reach (the move needs them on one file system), and the paper-mode lazy
+optimizer, whose closed form assumes one global batch size for the whole run.
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ UNIVERSAL_DIR = "universal"
 
 
 def saved_position(run_dir: str | Path) -> dict[str, Any] | None:
-    """The trainer state of the run's latest checkpoint (rank 0's), or None without one."""
+    """The trainer state of the run's latest checkpoint (rank 0's), or None without one. Cost: one
+    read of DeepSpeed's model states file (with ZeRO-0 it holds the optimizer state too)."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
