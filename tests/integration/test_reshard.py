@@ -11,9 +11,10 @@ once, visit counts within the documented bound, counted in tests/unit/shards/tes
 re-partition (storage/faults.py point `repartition`), build or switch phase, recovers on the next
 resume to the same head. A memory head changes rank count too, each row taken from its owner.
 
-Budget on 2 busy cores: 1-3 min per `diet` start (measured with the machine's load average at 5:
-2→1 ZeRO-0 11 min for its three runs, 4→2 ZeRO-2 over 15); the cases marked slow (1→2 at ZeRO-0,
-2→1 at ZeRO-1, 4→2 at ZeRO-2) run with `-m slow`.
+Budget on 2 busy cores: ~30 s per `diet` start once DeepSpeed's shm op is built (the whole file with
+the slow cases: see the report in the commit log); a start that has to rebuild the op (a
+~/.cache/torch_extensions shared by several virtualenvs) takes 2-3 min more. The cases marked slow
+(1→2 at ZeRO-0, 2→1 at ZeRO-1, 4→2 at ZeRO-2) run with `-m slow`.
 """
 
 from __future__ import annotations
