@@ -16,6 +16,8 @@ Resume reads `latest`, loads it with `torch.load(weights_only=True)` (never unpi
 the head's files (`head.load_files`, checked against their recorded sizes and checksums) and
 `head.recover(S)`; it first deletes unfinished checkpoints (newer than `latest`, with whatever
 head files they hold), and with no checkpoint at all it rolls the head back to its creation (`recover(0)`).
+A checkpoint written by another number of ranks loads too (engine/reshard.py): the backbone from
+DeepSpeed's universal copy `universal/<tag>` (ZeRO-1/2), the head through `head_loader`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from diet_engine.engine.distributed import barrier
 from diet_engine.storage.faults import fault_point
 
 FORMAT_VERSION = 3  # 2: the head's state is its store's own (`{'store': ...}`); 3: a memory store's rows in a file
+UNIVERSAL_DIR = "universal"  # checkpoints/universal/<tag>: a DeepSpeed universal copy (engine/reshard.py)
 BACKBONE_FORMAT_VERSION = 1  # the exported backbone file (safetensors + metadata)
 
 
@@ -85,11 +88,14 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, engine, *, position: Stateful, head=None, is_main: bool = True,
-                 keep: int = 2) -> None:
+                 keep: int = 2, universal: bool = False, head_loader=None) -> None:
         self.run_dir, self.root = Path(run_dir), checkpoint_dir(run_dir)
         self.engine, self.position, self.head = engine, position, head
         self.is_main, self.keep = is_main, keep
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0  # names its head file
+        # resuming on another rank count (engine/reshard.py): load DeepSpeed's universal copy of the
+        # checkpoint, and load the head with `head_loader(head, folder, client_state)`
+        self.universal, self.head_loader = universal, head_loader
 
     def save(self, step: int) -> Path:
         """Checkpoint the components at `step` (a no-op if that step is already saved)."""
@@ -139,8 +145,17 @@ class CheckpointManager:
             if self.head is not None:
                 self.head.recover(0)
             return 0
-        path, client_state = self.engine.load_checkpoint(
-            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if self.universal:
+            from diet_engine.engine.distributed import weights_only_loads  # noqa: PLC0415
+
+            with weights_only_loads():  # DeepSpeed's universal loader calls torch.load(weights_only=False)
+                path, client_state = self.engine.load_checkpoint(
+                    str(self.root / UNIVERSAL_DIR), tag=tag, load_optimizer_states=True,
+                    load_lr_scheduler_states=False)
+            _load_buffers(self.engine, self.root / tag)
+        else:
+            path, client_state = self.engine.load_checkpoint(
+                str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None or client_state is None:
             raise RuntimeError(f"could not load checkpoint {tag} from {self.root}")
         if client_state.get("format_version") != FORMAT_VERSION:
@@ -150,9 +165,43 @@ class CheckpointManager:
         self.position.load_state_dict(position)
         step = int(position["step"])
         if self.head is not None:
-            self.head.load_files(self.root / tag, client_state["head"])  # in-memory heads: the rows file
+            if self.head_loader is not None:  # saved by another rank count
+                self.head_loader(self.head, self.root / tag, client_state)
+            else:
+                self.head.load_files(self.root / tag, client_state["head"])  # in-memory heads: the rows file
             self.head.recover(step)  # disk heads: roll rows written after the checkpoint back
         return step
+
+
+def _load_buffers(engine, folder: Path) -> None:
+    """Buffers (BatchNorm's running statistics) from the checkpoint's module state: DeepSpeed's
+    universal load restores parameters and optimizer state only (measured on deepspeed 0.19.8: the
+    running statistics kept their initial values)."""
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
+    saved = engine.checkpoint_engine.load(str(files[0]), map_location="cpu")["module"]
+    with torch.no_grad():
+        for name, buf in engine.module.named_buffers():
+            if name not in saved:
+                raise KeyError(f"{files[0]}: the checkpoint's module has no buffer {name!r}")
+            buf.copy_(saved[name])
+
+
+def read_client_state(folder: str | Path) -> dict:
+    """Rank 0's `client_state` of a checkpoint folder (the trainer's position and head entry), read
+    from DeepSpeed's model states file with weights_only=True."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
+    from diet_engine.engine.distributed import _deepspeed_checkpoint_globals  # noqa: PLC0415
+
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+        state = torch.load(files[0], map_location="cpu", weights_only=True)  # never unpickles objects
+    keys = ("format_version", "step", "epoch", "batch_in_epoch", "world_size", "nonfinite_skipped",
+            "epoch_segments", "lrs", "head")
+    return {k: state[k] for k in keys if k in state}
 
 
 def _prune(root: Path, keep: int) -> None:

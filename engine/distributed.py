@@ -20,8 +20,10 @@ from a JSON file named by the environment variable `DIET_DEEPSPEED_CONFIG` (`die
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +95,17 @@ def load_extra_config(path: str | Path) -> dict[str, Any]:
     return extra
 
 
-def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_cfg, optim_cfg):
-    """deepspeed.initialize with our optimizer; checkpoints load with weights_only=True."""
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_cfg, optim_cfg,
+                 load_universal: bool = False):
+    """deepspeed.initialize with our optimizer; checkpoints load with weights_only=True.
+    `load_universal`: the checkpoint to resume is a DeepSpeed universal one (another rank count)."""
     import deepspeed  # noqa: PLC0415
 
+    config = deepspeed_config(train_cfg, optim_cfg)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, ds_opt, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(train_cfg, optim_cfg),
-        dist_init_required=False,
+        model=model, optimizer=optimizer, config=config, dist_init_required=False,
     )
     engine.checkpoint_engine = _safe_checkpoint_engine()
     _per_rank_client_state(engine)
@@ -128,6 +134,8 @@ def _per_rank_client_state(engine) -> None:
 
     def load_checkpoint(load_dir, tag=None, **kwargs):
         path, client_state = ds_load(load_dir, tag=tag, **kwargs)
+        if path is not None and client_state is not None and int(client_state.get("world_size", world)) != world:
+            return path, client_state  # saved by another rank count: rank 0's (engine/reshard.py builds the rest)
         if path is not None:
             own = Path(path).parent / f"client_state_rank{rank}.pt"
             if not own.is_file():
@@ -158,6 +166,31 @@ def _deepspeed_checkpoint_globals() -> list:
     return extra
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside runs with weights_only=True (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and the
+    allow-listed DeepSpeed classes: DeepSpeed's universal-checkpoint converter and loader call
+    torch.load(weights_only=False) on files of our own run, which we still never unpickle as objects."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with _allowed(_deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def _allowed(extra: list):
+    """`safe_globals` for the classes not allowed yet: torch's context removes its classes on exit,
+    which would also disallow them for an enclosing context that allowed the same ones."""
+    have = set(torch.serialization.get_safe_globals())
+    return torch.serialization.safe_globals([g for g in extra if g not in have])
+
+
 def _safe_checkpoint_engine():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
 
@@ -168,7 +201,7 @@ def _safe_checkpoint_engine():
         containers and primitives, plus the plain-data DeepSpeed classes listed above."""
 
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
+            with _allowed(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return SafeTorchCheckpointEngine()

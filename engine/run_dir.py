@@ -43,6 +43,8 @@ ENGINE_ENTRIES = (
     MARKER, f".{MARKER}.tmp", "config.json", "config.json.tmp", "lr_schedule.npy", ".lr_schedule.npy.tmp",
     "metrics.csv", "tensorboard", "checkpoints", "backbone.safetensors", ".backbone.safetensors.tmp",
     "final_report.json", ".final_report.json.tmp", "final_report.md", "head.zarr", "head-rank*.zarr", LOCK,
+    "head-layout.json", "head-layout.json.tmp-*", "head-repartition.json", "head-repartition.json.tmp-*",
+    "head*.zarr.repartition-*",
 )
 
 # Options a resume may change freely: none of them changes what the resumed run computes.

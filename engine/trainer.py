@@ -31,8 +31,20 @@ from diet_engine.engine.metrics import MetricsLogger
 from diet_engine.engine.model import build_model
 from diet_engine.engine.objectives import build_objective
 from diet_engine.engine.optim import build_optimizer
+from diet_engine.engine.reshard import (
+    continued_lrs,
+    continued_position,
+    convert_to_universal,
+    load_memory_head,
+    needs_universal,
+    nominal_lrs,
+    record_head_layout,
+    remove_universal,
+    repartition_disk_head,
+    saved_position,
+    steps_per_epoch,
+)
 from diet_engine.engine.run_dir import check_resume, hold_run_lock, mark_run_dir, release_run_lock, resolve_resume
-from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.engine.stopping import StopRequest, TrainingDivergedError
 from diet_engine.kernels import batch_cross_entropy
 
@@ -76,17 +88,19 @@ class Trainer:
             cfg.save(self.run_dir / "config.json")
         barrier()
 
-        # data
+        # data, and where a resumed run stands (it may have run on another rank count: engine/reshard.py)
         self.loader = build_train_loader(cfg, self.manifest, self.rank, self.world)
         self.steps_per_epoch = self.loader.steps_per_epoch()
-        full = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = min(full, cfg.train.max_steps) if cfg.train.max_steps else full
-        global_batch = cfg.train.batch_size * self.world
-        base_lr = cfg.optim.lr * global_batch / 256
-        warmup = (cfg.optim.warmup_fraction * full if cfg.optim.warmup_fraction > 0
-                  else cfg.optim.warmup_epochs * self.steps_per_epoch)
+        saved = saved_position(self.run_dir) if cfg.train.resume == "true" else None
+        self.resharded = saved is not None and int(saved["world_size"]) != self.world
+        if self.resharded and cfg.head.store == "dense" and cfg.train.method == "diet":
+            raise ValueError(f"head.store=dense: the run was checkpointed on {saved['world_size']} ranks and each rank "
+                             f"holds its own dense head; resume it on {saved['world_size']} ranks (a memory or disk "
+                             "head can change the rank count)")
         # schedule over the nominal run (max_steps only truncates it, so a short run is a prefix)
-        self.lrs = warmup_cosine(base_lr, full, int(round(warmup)), base_lr * cfg.optim.final_lr_fraction)
+        self.lrs, self.lrs_continued = self._schedule(saved)
+        full = len(self.lrs)
+        self.total_steps = min(full, cfg.train.max_steps) if cfg.train.max_steps else full
         if self.is_main:  # the head's lazy optimizer needs the schedule to export rows later
             tmp = self.run_dir / ".lr_schedule.npy.tmp"
             with tmp.open("wb") as f:
@@ -106,10 +120,22 @@ class Trainer:
         if self.dtype == torch.float64:
             _allow_fp64_gradient_reduction()
         module = _Joint(self.model, self.objective)
-        self.engine, self.optimizer = build_engine(module, opt, cfg.train, cfg.optim)
+        universal = needs_universal(saved, self.world, cfg.train.zero_stage)
+        if universal and self.is_main:  # ZeRO-1/2 optimizer partitions of K ranks → DeepSpeed's universal form
+            convert_to_universal(self.run_dir, latest_tag(self.run_dir))
+        barrier()
+        self.engine, self.optimizer = build_engine(module, opt, cfg.train, cfg.optim, load_universal=universal)
 
-        # head (DIET only)
+        # head (DIET only); a disk head saved by another rank count moves to this one's stores first
+        disk = cfg.train.method == "diet" and cfg.head.store == "disk"
+        if disk and cfg.train.resume == "true" and self.is_main:
+            repartition_disk_head(cfg, self.run_dir, self.world, self.manifest.shard_counts(),
+                                  int(saved["step"]) if saved else 0, saved)
+        barrier()
         self.head: Head | None = self.build_head() if cfg.train.method == "diet" else None
+        barrier()
+        if disk and self.is_main:
+            record_head_layout(cfg, self.run_dir, self.world, int(saved["step"]) if saved else 0)
 
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
         self.step = 0  # optimizer steps done
@@ -124,10 +150,43 @@ class Trainer:
             which = "eval_train_manifest" if cfg.data.eval_train_manifest else "manifest"
             self.online = OnlineKnn(cfg, load_manifest(cfg.data, which), load_manifest(cfg.data, "eval_test_manifest"),
                                     self.device)
+        self.epoch_segments: list[tuple[int, int]] = []  # history of `epoch` on other rank counts (plan.py)
+        head_loader = None
+        if self.resharded and cfg.head.store == "memory":
+            m, k = self.manifest, int(saved["world_size"])
+            head_loader = lambda head, folder, client: load_memory_head(  # noqa: E731
+                head, folder, k, client["head"], np.asarray(m.shard_counts()), np.asarray(m.first_indices()))
         self.checkpoints = CheckpointManager(self.run_dir, self.engine, position=self, head=self.head,
-                                             is_main=self.is_main, keep=cfg.train.keep_checkpoints)
+                                             is_main=self.is_main, keep=cfg.train.keep_checkpoints,
+                                             universal=universal, head_loader=head_loader)
         if cfg.train.resume == "true":
             self.checkpoints.load()
+        if universal:
+            barrier()
+            if self.is_main:
+                remove_universal(self.run_dir)
+
+    def _schedule(self, saved: dict | None) -> tuple[np.ndarray, bool]:
+        """The per-step learning rates (and whether they differ from the nominal schedule): the
+        nominal one, the one saved with the checkpoint, or, on another rank count, the saved past
+        followed by this rank count's schedule at the same epoch progress (engine/reshard.py)."""
+        cfg = self.cfg
+        nominal = nominal_lrs(cfg, self.steps_per_epoch, self.world)
+        if saved is None:
+            return nominal, False
+        epoch, _, segments = continued_position(saved, self.world)
+        self.loader.continue_epoch(epoch, segments)  # the rest of an epoch begun on other rank counts
+        past = saved.get("lrs")
+        past = None if past is None else np.asarray(past, np.float64)
+        if not self.resharded:
+            return (past, True) if past is not None else (nominal, False)
+        k = int(saved["world_size"])
+        if past is None:
+            counts = np.asarray(self.manifest.shard_counts())
+            past = nominal_lrs(cfg, steps_per_epoch(counts, k, cfg.train.batch_size), k)
+        lrs = continued_lrs(cfg, past, int(saved["step"]), epoch, self.loader.epoch_progress(epoch),
+                            self.loader.steps_in_epoch(epoch), self.steps_per_epoch, self.world)
+        return lrs, True
 
     def build_head(self) -> Head:
         """This rank's head: its store (RAM, or its own Zarr store on disk) and its batch CE (global
@@ -144,18 +203,21 @@ class Trainer:
                           device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands: optimizer steps done, epoch, batches of it consumed, ranks, and the
-        steps skipped as non-finite (their count in metrics.csv goes on after a resume)."""
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.world, "nonfinite_skipped": self.nonfinite_skipped}
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands: optimizer steps done, epoch, batches of it consumed, ranks, the
+        steps skipped as non-finite (their count in metrics.csv goes on after a resume), the epoch's
+        history on other rank counts and, once it is not the nominal one, the lr schedule."""
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "world_size": self.world, "nonfinite_skipped": self.nonfinite_skipped,
+                 "epoch_segments": [[k, b] for k, b in self.epoch_segments]}
+        if self.lrs_continued:
+            state["lrs"] = torch.from_numpy(np.asarray(self.lrs, np.float64))  # (T,) float64
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["world_size"]) != self.world:
-            raise ValueError(f"the checkpoint was written by {state['world_size']} ranks; "
-                             f"resume with the same world size (got {self.world})")
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state saved on any rank count (`continued_position`: on another one the epoch continues)."""
+        self.epoch, self.batch_in_epoch, self.epoch_segments = continued_position(state, self.world)
+        self.step = int(state["step"])
         self.nonfinite_skipped = int(state["nonfinite_skipped"])
 
     # ------------------------------------------------------------------ loop
@@ -185,7 +247,7 @@ class Trainer:
                         ips = seen / max(now - window_t, 1e-9)
                         seen, window_t = 0, now
                         row = {"loss": last_loss, "lr": float(self.lrs[self.step - 1]), "img_per_s": ips,
-                               "epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
+                               "epoch": self.epoch + self.batch_in_epoch / max(self._epoch_steps(), 1),
                                "nonfinite_skipped": self.nonfinite_skipped}
                         if self.head is not None:
                             row.update({f"head/{k}": v for k, v in self.head.stats().items()})
@@ -200,9 +262,10 @@ class Trainer:
                         break
                     if self.step >= self.total_steps:
                         break
-                if self.batch_in_epoch >= self.steps_per_epoch:
+                if self.batch_in_epoch >= self._epoch_steps():
                     self.epoch += 1
                     self.batch_in_epoch = 0
+                    self.epoch_segments = []
                     if self.epoch % max(cfg.eval.every_epochs, 1) == 0 or self.step >= self.total_steps:
                         window_t += self.monitor()  # img/s counts training time only
             bar.close()
@@ -226,6 +289,10 @@ class Trainer:
         print(f"diet train: epoch {self.epoch}: online kNN {100 * knn:.2f}% ({self.online.sizes[0]} bank, "
               f"{self.online.sizes[1]} queries)", file=sys.stderr, flush=True)
         return time.perf_counter() - t0
+
+    def _epoch_steps(self) -> int:
+        """Batches of the current epoch (fewer when it continues an epoch begun on other rank counts)."""
+        return self.loader.steps_in_epoch(self.epoch)
 
     def train_step(self, batch) -> torch.Tensor | None:
         """One optimizer step t = self.step + 1 over the batch; None if the step was not applied

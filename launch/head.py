@@ -54,7 +54,6 @@ def verify_head(run_dir: str | Path, progress: bool = True) -> dict:
 
     from diet_engine.engine.checkpoint import checkpoint_dir, latest_tag  # noqa: PLC0415
     from diet_engine.engine.config import ConfigError, RunConfig  # noqa: PLC0415
-    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
     from diet_engine.storage.head import ZarrHeadStore  # noqa: PLC0415
 
     run_dir = Path(run_dir)
@@ -64,7 +63,7 @@ def verify_head(run_dir: str | Path, progress: bool = True) -> dict:
                           "(a memory or dense head lives in the checkpoint)")
     tag = latest_tag(run_dir)
     world = int(_client_state(checkpoint_dir(run_dir) / tag)["world_size"]) if tag else 1
-    paths = [rank_store_path(cfg.head.store_path, run_dir, r, world) for r in range(world)]
+    paths = _store_roots(cfg, run_dir, world)
     t0, rows, nbytes = time.perf_counter(), 0, 0
     for path in paths:
         if not Path(path, "zarr.json").is_file():
@@ -125,14 +124,9 @@ def export_head(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
 
 def _client_state(ckpt: Path) -> dict:
-    files = sorted(ckpt.glob("*model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt} holds no DeepSpeed model states")
-    from diet_engine.engine.distributed import _deepspeed_checkpoint_globals  # noqa: PLC0415
+    from diet_engine.engine.checkpoint import read_client_state  # noqa: PLC0415
 
-    with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
-        state = torch.load(files[0], map_location="cpu", weights_only=True)  # never unpickles objects
-    return {k: state[k] for k in ("step", "world_size", "head") if k in state}
+    return read_client_state(ckpt)
 
 
 def _rank_head_state(ckpt: Path, rank: int) -> dict:
@@ -142,6 +136,22 @@ def _rank_head_state(ckpt: Path, rank: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: rank {rank}'s part of checkpoint {ckpt.name} is missing")
     return torch.load(path, map_location="cpu", weights_only=True)["head"]
+
+
+def _store_roots(cfg, run_dir: Path, world: int) -> list[str]:
+    """The run's disk head stores: those its layout record names (the rank count may have changed
+    since the checkpoint, engine/reshard.py), else one per rank of the checkpoint's `world`."""
+    from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
+    from diet_engine.engine.reshard import JOURNAL_FILE, LAYOUT_FILE  # noqa: PLC0415
+    from diet_engine.storage.head.repartition import read_layout  # noqa: PLC0415
+
+    if (run_dir / JOURNAL_FILE).exists():
+        raise HeadStoreError(f"{run_dir}: a re-partition of the head between rank counts was interrupted "
+                             f"({JOURNAL_FILE}); resume the run (`diet train --train.resume=true`) to finish it first")
+    layout = read_layout(run_dir / LAYOUT_FILE)
+    if layout is not None:
+        world = int(layout["world"])
+    return [rank_store_path(cfg.head.store_path, run_dir, r, world) for r in range(world)]
 
 
 def _row_sources(cfg, run_dir: Path, ckpt: Path, client: dict, lrs: np.ndarray, world: int) -> list:
@@ -163,12 +173,10 @@ def _row_sources(cfg, run_dir: Path, ckpt: Path, client: dict, lrs: np.ndarray, 
         states = [state] if world == 1 else [_rank_head_state(ckpt, r)["store"] for r in range(world)]
         stores = [MemoryHeadStore.from_files(ckpt, s, read_only=True) for s in states]
     else:
-        from diet_engine.engine.distributed import rank_store_path  # noqa: PLC0415
         from diet_engine.storage.head import HeadMeta  # noqa: PLC0415
 
         meta = HeadMeta.from_dict(state["meta"])
-        stores = [ZarrHeadStore.open(rank_store_path(cfg.head.store_path, run_dir, r, world), meta, mode="r")
-                  for r in range(world)]
+        stores = [ZarrHeadStore.open(root, meta, mode="r") for root in _store_roots(cfg, run_dir, world)]
     return [(build_head(cfg, lrs, num_rows=s.meta.num_rows, dim=s.meta.dim, store=s, world=world), _held(s))
             for s in stores]
 

@@ -15,6 +15,9 @@ Points (each a `fault_point(name)` call):
   * `rows` (storage/head/rows_file.py `write_rows_file`): a memory head's rows file of checkpoint S
     half written (its first block) under its temp name in `.tmp-step_S/`: resume must use the
     previous checkpoint. Reached once per rows file.
+  * `repartition` (storage/head/repartition.py): once per chunk linked into a new rank store and
+    once per rename of the switch: a kill inside the re-partition of the head between rank counts,
+    which must leave the old layout (build phase) or the new one (switch phase) after `finish`.
 Counts are per process. tests/integration/test_train_sigkill.py uses this to land kills inside
 these windows deterministically (random-moment kills cover the rest). With the variable unset, as
 always outside that test, `fault_point` costs one check of an empty dict.
@@ -27,7 +30,7 @@ import signal
 import threading
 
 ENV = "DIET_FAULT_KILL"
-POINTS = ("scatter", "checkpoint", "latest", "rows")
+POINTS = ("scatter", "checkpoint", "latest", "rows", "repartition")
 
 
 def _parse(spec: str) -> dict[str, int]:

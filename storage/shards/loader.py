@@ -35,7 +35,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from diet_engine.storage.shards.manifest import Manifest
-from diet_engine.storage.shards.plan import EpochPlan, WorkItem, assign_shards, make_epoch_plan, num_batches
+from diet_engine.storage.shards.plan import (
+    EpochPlan,
+    WorkItem,
+    assign_shards,
+    continued_plan,
+    continued_steps,
+    epoch_visits,
+    make_epoch_plan,
+    num_batches,
+)
 from diet_engine.storage.shards.records import (
     ShardReadError,
     decode,
@@ -107,6 +116,8 @@ class ShardLoader:
             raise ValueError(f"batch_size={batch_size} with drop_last leaves no batch (rank samples: "
                              f"{[int(self._counts[o].sum()) for o in owners]})")
         self._plans: dict[tuple[int, int], EpochPlan] = {}  # (epoch, start_batch) → plan, last two
+        self._owners = owners
+        self._continued: tuple[int, np.ndarray, int] | None = None  # (epoch, visits (N,), steps): see continue_epoch
         im = self.manifest.image
         self._use_memory = (self.num_samples <= _CACHE_MAX_SAMPLES
                             and self.num_samples * im.channels * im.height * im.width <= (cache_mb << 20))
@@ -119,6 +130,34 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self._steps
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Batches of `epoch`: `steps_per_epoch()`, or fewer for an epoch continued after a change
+        of rank count (`continue_epoch`)."""
+        if self._continued is not None and self._continued[0] == epoch:
+            return self._continued[2]
+        return self._steps
+
+    def epoch_progress(self, epoch: int) -> float:
+        """Fraction of the data set's samples visited before `epoch` continued (0: an ordinary epoch)."""
+        if self._continued is None or self._continued[0] != epoch:
+            return 0.0
+        return float((self._continued[1] > 0).mean())
+
+    def continue_epoch(self, epoch: int, segments: list[tuple[int, int]]) -> None:
+        """Make `epoch` the continuation of its first batches run on other rank counts, `segments`
+        [(ranks, batches done), ...] (plan.py's design note): the rest of the epoch visits the
+        samples of this rank's shards not yet visited first. Empty `segments`: an ordinary epoch.
+        Every rank must call it alike. Cost: O(N) per segment (the plans of those ranks)."""
+        self._plans.clear()
+        self._continued = None
+        if not segments:
+            return
+        visits = epoch_visits(self._first, self._counts, segments, batch_size=self.batch_size, epoch=epoch,
+                              seed=self.seed, num_streams=max(1, self.num_workers), drop_last=self.drop_last,
+                              shuffle=self.shuffle)
+        steps = continued_steps(self._first, self._counts, self._owners, visits, self.batch_size, self.drop_last)
+        self._continued = (epoch, visits, steps)
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         """The (B_k,) int64 global indices of every batch of `epoch`, in yield order. No I/O."""
@@ -138,6 +177,13 @@ class ShardLoader:
         if key not in self._plans:
             if len(self._plans) >= 2:
                 self._plans.pop(next(iter(self._plans)))
+            if self._continued is not None and self._continued[0] == epoch:
+                _, visits, steps = self._continued
+                self._plans[key] = continued_plan(
+                    self._first, self._counts, self.shards, visits, steps=steps, batch_size=self.batch_size,
+                    epoch=epoch, seed=self.seed, rank=self.rank, num_streams=max(1, self.num_workers),
+                    drop_last=self.drop_last, shuffle=self.shuffle, start_batch=start_batch)
+                return self._plans[key]
             self._plans[key] = make_epoch_plan(
                 self._first, self._counts, self.shards, steps=self._steps, batch_size=self.batch_size,
                 epoch=epoch, seed=self.seed, rank=self.rank, num_streams=max(1, self.num_workers),

@@ -25,6 +25,28 @@ sample of every rank is seen at least once per epoch (exactly once on the longes
 ranks see a few samples twice. With balanced assignment the excess is < one shard per rank.
 With drop_last the longest ranks skip their final partial batch (< B samples, different ones
 each epoch); the alternative, steps = the minimum over ranks, would skip up to a shard per rank.
+
+*The epoch in progress when the number of ranks changes* (`epoch_visits`, `continued_plan`).
+A run checkpointed at batch b of epoch e on K ranks resumes on K' ranks. The epoch's history is a
+list of segments [(K, b), ...] (ranks, batches done), kept in the trainer's checkpoint; the
+samples it already visited, with multiplicity, are c(n) = the times n occurs in the first b
+batches of the K ranks' plans of that segment (the ordinary plans for the first segment, the
+continued plans below for later ones), summed over segments. Rank j of K' continues the epoch with
+the samples of its own shards (those `assign_shards(counts, K')` gives it) by water-filling, in
+its ordinary K' order o_j of epoch e (step 1 above, no cycling):
+    pass 0: the samples of o_j with c = 0; pass 1: those with c <= 1; pass 2: c <= 2; ...
+The sequence is cut to L_j samples: L_j = |pass 0| when that rank is one of the longest, else
+steps·B, where steps = max over ranks of ceil(|pass 0| / B) (floor with drop_last), so every rank
+runs the same number of steps. Then epoch e ends; epoch e + 1 is an ordinary K' plan. With no
+history (c = 0) this is exactly the ordinary plan's cycling rule.
+Bound (drop_last off): over epoch e every sample is visited at least once (its pass 0 runs in
+full), and a sample of new rank j at most max(c_max_j, floor((sum of c over o_j + L_j) / n_j) + 1)
+times (n_j = |o_j|; a pass ℓ starts only when every sample of o_j has been visited ℓ times). This
+is 2 whenever the history visited no sample twice and the rank's visits of the epoch stay under
+two passes, (sum c + L_j) < 2·n_j, as for the ordinary plan of a short rank (excess < n_j);
+`continued_bound` computes it. The samples visited twice are the ones the ranks' different epoch
+lengths force, as in an ordinary epoch, plus those a rank of K' had to revisit to keep the
+steps equal after the re-partition (< B + max_i |pass 0_i| - |pass 0_j| on rank j).
 """
 
 from __future__ import annotations
@@ -89,13 +111,8 @@ def make_epoch_plan(first_index: np.ndarray, counts: np.ndarray, shards: np.ndar
     Cost: O(n_r) integer work (permutations), ~20 ms per million samples; no I/O.
     """
     B, S = batch_size, num_streams
-    # 1. shard order and within-shard order
-    order = np.random.default_rng([seed, epoch, 0, rank]).permutation(shards) if shuffle else np.sort(shards)
-    segments = []
-    for s in order:
-        local = (np.random.default_rng([seed, epoch, 1, int(s)]).permutation(int(counts[s])) if shuffle
-                 else np.arange(int(counts[s])))
-        segments.append(first_index[s] + local.astype(np.int64))
+    segments = _rank_order(first_index, counts, shards, epoch=epoch, seed=seed, rank=rank, shuffle=shuffle)
+    order = segments[:]
     n_real = sum(len(g) for g in segments)
     # equal steps: a short rank cycles its own samples (same order) up to steps·B
     extra = steps * B - n_real if num_batches(n_real, B, drop_last) < steps else 0
@@ -139,3 +156,97 @@ def make_epoch_plan(first_index: np.ndarray, counts: np.ndarray, shards: np.ndar
     if len(batches) != steps:  # invariant of the construction above
         raise AssertionError(f"plan has {len(batches)} batches, expected {steps}")
     return EpochPlan(batches, streams)
+
+
+def _rank_order(first_index: np.ndarray, counts: np.ndarray, shards: np.ndarray, *, epoch: int, seed: int,
+                rank: int, shuffle: bool) -> list[np.ndarray]:
+    """Step 1 of an epoch on one rank: its shards' sample segments in epoch order (each sample once)."""
+    order = np.random.default_rng([seed, epoch, 0, rank]).permutation(shards) if shuffle else np.sort(shards)
+    segments = []
+    for s in order:
+        local = (np.random.default_rng([seed, epoch, 1, int(s)]).permutation(int(counts[s])) if shuffle
+                 else np.arange(int(counts[s])))
+        segments.append(first_index[s] + local.astype(np.int64))
+    return segments
+
+
+def _water_fill(order: np.ndarray, visits: np.ndarray, length: int) -> np.ndarray:
+    """Passes over `order` (pass ℓ: the samples visited ≤ ℓ times so far), cut to `length`."""
+    out, have, level = [], 0, 0
+    c = visits[order]
+    while have < length:
+        part = order[c <= level]
+        out.append(part[: length - have])
+        have += len(out[-1])
+        level += 1
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _pass0_sizes(first_index, counts, owners, visits) -> list[int]:
+    return [int(sum(int((visits[first_index[s]:first_index[s] + counts[s]] == 0).sum()) for s in o)) for o in owners]
+
+
+def continued_steps(first_index: np.ndarray, counts: np.ndarray, owners: list[np.ndarray], visits: np.ndarray,
+                    batch_size: int, drop_last: bool) -> int:
+    """Steps left in an epoch whose samples were visited `visits` (N,) times, on `len(owners)` ranks."""
+    return max(num_batches(n, batch_size, drop_last) for n in _pass0_sizes(first_index, counts, owners, visits))
+
+
+def continued_plan(first_index: np.ndarray, counts: np.ndarray, shards: np.ndarray, visits: np.ndarray, *,
+                   steps: int, batch_size: int, epoch: int, seed: int, rank: int, num_streams: int, drop_last: bool,
+                   shuffle: bool, start_batch: int = 0) -> EpochPlan:
+    """The rest of epoch `epoch` on one rank after a change of rank count (design note above):
+    `steps` batches of its shards' samples by water-filling over `visits` (N,); batch k is
+    streamed by stream k mod num_streams. Cost: O(n_r)."""
+    B = batch_size
+    order = np.concatenate(_rank_order(first_index, counts, shards, epoch=epoch, seed=seed, rank=rank,
+                                       shuffle=shuffle))
+    n0 = int((visits[order] == 0).sum())
+    length = n0 if num_batches(n0, B, drop_last) == steps and not drop_last else steps * B
+    seq = _water_fill(order, visits, length) if len(order) else np.zeros(0, np.int64)
+    batches = [seq[k * B:(k + 1) * B] for k in range(steps)]
+    streams: list[list[WorkItem]] = [[] for _ in range(num_streams)]
+    for k in range(start_batch, steps):
+        streams[k % num_streams].append(WorkItem(batches[k], (Piece(k, 0, 0, len(batches[k])),)))
+    return EpochPlan(batches, streams)
+
+
+def epoch_plans(first_index: np.ndarray, counts: np.ndarray, world: int, visits: np.ndarray | None, *,
+                batch_size: int, epoch: int, seed: int, num_streams: int, drop_last: bool,
+                shuffle: bool) -> list[EpochPlan]:
+    """Every rank's plan of `epoch` on `world` ranks: ordinary (visits None) or continued."""
+    owners = assign_shards(counts, world)
+    kw = dict(batch_size=batch_size, epoch=epoch, seed=seed, num_streams=num_streams, drop_last=drop_last,
+              shuffle=shuffle)
+    if visits is None:
+        steps = max(num_batches(int(counts[o].sum()), batch_size, drop_last) for o in owners)
+        return [make_epoch_plan(first_index, counts, o, steps=steps, rank=r, **kw) for r, o in enumerate(owners)]
+    steps = continued_steps(first_index, counts, owners, visits, batch_size, drop_last)
+    return [continued_plan(first_index, counts, o, visits, steps=steps, rank=r, **kw) for r, o in enumerate(owners)]
+
+
+def epoch_visits(first_index: np.ndarray, counts: np.ndarray, segments: list[tuple[int, int]], *,
+                 batch_size: int, epoch: int, seed: int, num_streams: int, drop_last: bool,
+                 shuffle: bool) -> np.ndarray | None:
+    """(N,) int64 visits of each sample in the first batches of `epoch` that `segments`
+    [(ranks, batches done), ...] ran; None for no history (an ordinary epoch). Cost: O(N) per segment."""
+    if not segments:
+        return None
+    counts = np.asarray(counts, np.int64)
+    visits = None
+    for world, done in segments:
+        plans = epoch_plans(first_index, counts, int(world), visits, batch_size=batch_size, epoch=epoch, seed=seed,
+                            num_streams=num_streams, drop_last=drop_last, shuffle=shuffle)
+        seen = [b for p in plans for b in p.batches[:int(done)]]
+        add = np.bincount(np.concatenate(seen), minlength=int(counts.sum())) if seen else 0
+        visits = (np.zeros(int(counts.sum()), np.int64) if visits is None else visits) + add
+    return visits
+
+
+def continued_bound(first_index: np.ndarray, counts: np.ndarray, shards: np.ndarray, visits: np.ndarray,
+                    length: int) -> int:
+    """The design note's bound on any sample's visits over the epoch, for one rank continuing it
+    with `length` samples."""
+    own = np.concatenate([np.arange(first_index[s], first_index[s] + counts[s]) for s in shards])
+    c = visits[own]
+    return max(int(c.max(initial=0)), (int(c.sum()) + length) // len(own) + 1)

@@ -50,6 +50,9 @@ class UnionLoader:
     def steps_per_epoch(self) -> int:
         return NUM_SAMPLES // self.global_batch
 
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.steps_per_epoch()
+
     def owned_rows(self) -> np.ndarray:
         return self.halves[self.rank] if self.world == 2 else np.arange(NUM_SAMPLES, dtype=np.int64)
 
