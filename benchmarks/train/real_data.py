@@ -98,7 +98,8 @@ def _options(a: argparse.Namespace, data: Path) -> list[str]:
             f"--data.eval_train_manifest={data / 'train'}", f"--data.eval_test_manifest={data / 'test'}",
             f"--eval.every_epochs={a.eval_every}", "--train.progress=false"]
     if a.quick:  # digits: 8 px images, 2 short epochs, small online subsets
-        opts += ["--data.image_size=16", "--data.channels=3", "--train.epochs=2", "--train.batch_size=64",
+        opts += ["--data.image_size=16", "--data.channels=3", "--data.train_shards=0", "--data.prepare_torchvision=",
+                 "--train.epochs=2", "--train.batch_size=64",
                  "--eval.online_bank=500", "--eval.online_queries=200", "--eval.probe_epochs=5"]
     elif a.epochs:
         opts.append(f"--train.epochs={a.epochs}")
