@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
-from benchmarks.train.runs import read_metrics
+from benchmarks.train.runs import read_metrics, train
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -107,28 +107,16 @@ def _options(a: argparse.Namespace, data: Path) -> list[str]:
 
 
 def _train(run: Path, args: list[str], threads: int | None, keep: bool = False) -> dict:
-    """`diet train` with its end-of-run evaluation; the report, the metrics and the wall time."""
-    import subprocess  # noqa: PLC0415
-
-    done = run / "final_report.json"
-    if keep and done.exists() and run.with_name(run.name + ".log").read_text().split("\n")[0].endswith(" ".join(args)):
+    """`diet train` with its end-of-run evaluation (benchmarks/train/runs.py); the report, the metrics
+    and the wall time. With `keep`, a run that finished here with the same options is reused."""
+    done, used = run / "final_report.json", run / "bench_args.json"
+    if keep and done.exists() and used.exists() and json.loads(used.read_text()) == args:
         report = json.loads(done.read_text())
         return {"wall_s": report["wall_time_s"]["total"], "report": report, "metrics": read_metrics(run)}
     shutil.rmtree(run, ignore_errors=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", f"--train.run_dir={run}", *args]
-    log = run.with_name(run.name + ".log")
-    t0 = time.perf_counter()
-    with log.open("w") as out:
-        out.write(" ".join(cmd) + "\n")
-        out.flush()
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
-    if rc != 0:
-        raise RuntimeError(f"diet train failed (rc {rc}); see {log}:\n{log.read_text()[-3000:]}")
-    report = json.loads((run / "final_report.json").read_text())
-    return {"wall_s": time.perf_counter() - t0, "report": report, "metrics": read_metrics(run)}
+    r = train(run, args, threads=threads, evaluate=True, timeout=6 * 3600)
+    used.write_text(json.dumps(args) + "\n")
+    return {"wall_s": r["wall_s"], "report": json.loads(done.read_text()), "metrics": r["rows"]}
 
 
 def raw_pixels_knn(train_manifest: Path, test_manifest: Path, k: int = 20, temperature: float = 0.07) -> float:

@@ -29,9 +29,10 @@ def read_metrics(run: Path) -> list[dict[str, float]]:
 
 
 def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_step: int | None = None,
-          mark_at_step: int | None = None, log: Path | None = None, timeout: float = 7200) -> dict:
-    """`python -m diet_engine.launch.cli train --no-eval --train.run_dir=run *args`; SIGKILL once
-    `kill_at_step` is logged.
+          mark_at_step: int | None = None, log: Path | None = None, timeout: float = 7200,
+          evaluate: bool = False) -> dict:
+    """`python -m diet_engine.launch.cli train --no-eval --train.run_dir=run *args` (without
+    `--no-eval` when `evaluate`: the end-of-run evaluation too); SIGKILL once `kill_at_step` is logged.
 
     Returns wall time, return code, peak RSS (main process, and with children) and the metrics rows
     this invocation appended to metrics.csv. With `mark_at_step` (e.g. the run's last step), also the
@@ -42,8 +43,8 @@ def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_ste
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     before = len(read_metrics(run))
-    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", "--no-eval", f"--train.run_dir={run}",
-           "--train.progress=false", *args]
+    cmd = [sys.executable, "-m", "diet_engine.launch.cli", "train", *([] if evaluate else ["--no-eval"]),
+           f"--train.run_dir={run}", "--train.progress=false", *args]
     log = log or run.with_name(run.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
