@@ -44,6 +44,13 @@ class DataConfig:
     """probability of RandomErasing after normalisation (the DIET paper's Algorithm 4: 0.25)."""
     num_workers: int = 0
     """loader worker processes (0: decode in the training process)."""
+    window_shards: int = 0
+    """sliding window (PIC's data scheduler over shards): visit every `window_shards` consecutive
+    shards of the epoch order `window_passes` times before moving on, so a head row is stepped again
+    after ~window_shards·shard_size/batch steps instead of an epoch. Used when window_passes > 1."""
+    window_passes: int = 1
+    """visits of each sample per window, and so per epoch (an epoch has window_passes × the steps);
+    1: the plain order."""
     prepare_digits: bool = False
     """prepare the embedded digits shards at `manifest`'s parent if they are missing."""
     prepare_torchvision: str = ""
@@ -299,6 +306,9 @@ class RunConfig:
             (0.0 <= self.data.erasing <= 1.0, "data.erasing", "a probability in [0, 1]"),
             (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
             (self.data.train_shards >= 0, "data.train_shards", ">= 0 (0: all)"),
+            (self.data.window_passes >= 1, "data.window_passes", ">= 1 (1: no sliding window)"),
+            (self.data.window_passes == 1 or self.data.window_shards >= 1, "data.window_shards",
+             ">= 1 when data.window_passes > 1"),
             (self.model.projector in ("", "mlp"), "model.projector", "'' or 'mlp'"),
             (self.eval.knn_k >= 1, "eval.knn_k", ">= 1"),
             (self.eval.every_epochs >= 0, "eval.every_epochs", ">= 0 (0: off)"),

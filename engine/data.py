@@ -69,7 +69,8 @@ def eval_transform(cfg, manifest: Manifest):
 def build_train_loader(cfg, manifest: Manifest, rank: int = 0, world: int = 1) -> ShardLoader:
     return ShardLoader(manifest, cfg.train.batch_size, train_transform(cfg, manifest), seed=cfg.train.seed,
                        num_workers=cfg.data.num_workers, rank=rank, world_size=world, drop_last=False,
-                       with_labels=cfg.train.method == "supervised")
+                       with_labels=cfg.train.method == "supervised", window_shards=cfg.data.window_shards,
+                       window_passes=cfg.data.window_passes)
 
 
 def build_eval_loader(cfg, manifest: Manifest, train_manifest: Manifest) -> ShardLoader:

@@ -79,13 +79,17 @@ class ShardLoader:
             them in memory as uint8 when they fit in cache_mb MiB (N_r·C·H·W from the manifest;
             digits: 92 KB) and the rank holds ≤ 50,000 samples (so the one-time single-process
             decode pass stays a few seconds); 0: always stream from the shards.
+        window_shards, window_passes: sliding window (plan.py): every `window_shards` consecutive
+            shards of the epoch order are visited `window_passes` times, reshuffled, before the
+            next window, so a sample recurs within a few steps; an epoch is `window_passes` visits
+            of every sample. window_passes = 1: off.
     """
 
     def __init__(self, manifest: Manifest | str | os.PathLike, batch_size: int,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, *, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
                  with_labels: bool = False, shuffle: bool = True, pin_memory: bool = False,
-                 cache_mb: int = 256):
+                 cache_mb: int = 256, window_shards: int = 0, window_passes: int = 1):
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -96,6 +100,10 @@ class ShardLoader:
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
         self.drop_last, self.with_labels, self.shuffle, self.pin_memory = drop_last, with_labels, shuffle, pin_memory
+        if window_passes < 1 or (window_passes > 1 and window_shards < 1):
+            raise ValueError(f"sliding window: need window_passes ≥ 1, and window_shards ≥ 1 when window_passes > 1; "
+                             f"got window_shards={window_shards}, window_passes={window_passes}")
+        self.window_shards, self.window_passes = window_shards, window_passes
         self._first = self.manifest.first_indices()
         self._counts = self.manifest.shard_counts()
         if self.manifest.num_shards < world_size:
@@ -111,7 +119,8 @@ class ShardLoader:
                     f"shards; need ≥ world_size × num_workers shards); use fewer workers or a smaller --shard-size")
         self.shards = owners[rank]  # (s_r,) shard ids owned by this rank for the whole run
         self.num_samples = int(self._counts[self.shards].sum())  # samples owned by this rank
-        self._steps = max(num_batches(int(self._counts[o].sum()), batch_size, drop_last) for o in owners)
+        self._steps = max(num_batches(window_passes * int(self._counts[o].sum()), batch_size, drop_last)
+                          for o in owners)
         if self._steps == 0:
             raise ValueError(f"batch_size={batch_size} with drop_last leaves no batch (rank samples: "
                              f"{[int(self._counts[o].sum()) for o in owners]})")
@@ -153,6 +162,11 @@ class ShardLoader:
         self._continued = None
         if not segments:
             return
+        if self.window_passes > 1:
+            raise ValueError(f"epoch {epoch} was interrupted on another number of ranks and data.window_passes="
+                             f"{self.window_passes}: continuing an epoch across a change of rank count is defined for "
+                             "the plain order only; resume on the old rank count to the epoch's end, or set "
+                             "data.window_passes=1")
         visits = epoch_visits(self._first, self._counts, segments, batch_size=self.batch_size, epoch=epoch,
                               seed=self.seed, num_streams=max(1, self.num_workers), drop_last=self.drop_last,
                               shuffle=self.shuffle)
@@ -187,7 +201,8 @@ class ShardLoader:
             self._plans[key] = make_epoch_plan(
                 self._first, self._counts, self.shards, steps=self._steps, batch_size=self.batch_size,
                 epoch=epoch, seed=self.seed, rank=self.rank, num_streams=max(1, self.num_workers),
-                drop_last=self.drop_last, shuffle=self.shuffle, start_batch=start_batch)
+                drop_last=self.drop_last, shuffle=self.shuffle, start_batch=start_batch,
+                window=self.window_shards, passes=self.window_passes)
         return self._plans[key]
 
     # ------------------------------------------------------------------ data

@@ -18,6 +18,15 @@ shard to the rank with the fewest samples so far), so a rank owns whole shards a
   which is the streaming order the on-disk head store is chunked for. The order depends on
   num_workers (S): resume with the same worker count.
 
+*Sliding window* (`window` shards, `passes` > 1; PIC's sliding-window scheduler adapted to shards).
+In step 1 the rank's permuted shards are grouped into windows of `window` consecutive shards; a
+window's samples are emitted `passes` times, each pass a fresh permutation of all the window's
+samples (seeded by (seed, epoch, first shard of the window, pass)), and the whole window is one
+segment, so one stream reads its shards once. A sample thus recurs after about window·R/B steps
+(R samples per shard) instead of a whole epoch, while at most `window` shards per stream are in
+play: the disk head's chunked streaming order is kept, with `window` chunks open instead of one.
+An epoch is `passes` visits of every sample (passes × the steps). passes = 1: the plain order.
+
 *Equal steps on every rank.* steps_per_epoch = the MAXIMUM over ranks of ceil(n_r / B)
 (floor with drop_last). A rank with fewer batches extends its epoch by cycling its own samples
 again, in the same epoch order, up to steps·B samples (so its extra batches are full). Every
@@ -105,13 +114,16 @@ class EpochPlan:
 
 def make_epoch_plan(first_index: np.ndarray, counts: np.ndarray, shards: np.ndarray, *, steps: int,
                     batch_size: int, epoch: int, seed: int, rank: int, num_streams: int, drop_last: bool,
-                    shuffle: bool, start_batch: int = 0) -> EpochPlan:
-    """The plan of one rank's epoch; `start_batch` only drops work for batches < start_batch.
+                    shuffle: bool, start_batch: int = 0, window: int = 0, passes: int = 1) -> EpochPlan:
+    """The plan of one rank's epoch; `start_batch` only drops work for batches < start_batch;
+    `window`/`passes`: the sliding window of the design note (passes = 1: off).
 
     Cost: O(n_r) integer work (permutations), ~20 ms per million samples; no I/O.
     """
     B, S = batch_size, num_streams
     segments = _rank_order(first_index, counts, shards, epoch=epoch, seed=seed, rank=rank, shuffle=shuffle)
+    if passes > 1:
+        segments = _windows(segments, window, passes, seed=seed, epoch=epoch, shuffle=shuffle)
     order = segments[:]
     n_real = sum(len(g) for g in segments)
     # equal steps: a short rank cycles its own samples (same order) up to steps·B
@@ -168,6 +180,22 @@ def _rank_order(first_index: np.ndarray, counts: np.ndarray, shards: np.ndarray,
                  else np.arange(int(counts[s])))
         segments.append(first_index[s] + local.astype(np.int64))
     return segments
+
+
+def _windows(segments: list[np.ndarray], window: int, passes: int, *, seed: int, epoch: int,
+             shuffle: bool) -> list[np.ndarray]:
+    """Group shard segments (epoch order) into windows of `window` shards, each window one segment
+    holding `passes` permutations of its samples (the design note's sliding window)."""
+    if window < 1:
+        raise ValueError(f"a sliding window needs window ≥ 1 shard, got {window}")
+    out = []
+    for w in range(0, len(segments), window):
+        samples = np.concatenate(segments[w:w + window])
+        key = int(samples.min())  # the window's identity: its lowest global index (shard order is per epoch)
+        out.append(np.concatenate([
+            np.random.default_rng([seed, epoch, 2, key, p]).permutation(samples) if shuffle else samples
+            for p in range(passes)]))
+    return out
 
 
 def _water_fill(order: np.ndarray, visits: np.ndarray, length: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 300 steps of batch CE with the same seeds, the rows moved exactly as `Trainer.train` moves them
 (prefetch `lookahead` batches ahead, read → catch up → loss → step → write-behind, a commit every
 50 steps), through a host-memory budget far smaller than the head so rows really go to disk and
-back. Index orders: fully random, shard-clustered streaming, and batches that ask again for rows
-the previous batch is still writing; every order also carries duplicate indices within a batch.
+back. Index orders: fully random, shard-clustered streaming, batches that ask again for rows
+the previous batch is still writing, and the loader's sliding window (rows recur within a few
+steps); every order also carries duplicate indices within a batch.
 The losses of every step and the exported head (every row materialised to step 300, once from the
 live store and once after closing and reopening it read-only) must equal the dense run's to 1e-5
 (held here to 1e-10 in fp64); in fp32 the disk run must be bit-for-bit the in-RAM lazy run.
@@ -21,6 +22,7 @@ from diet_engine.engine.head import DenseHead, LazyHead
 from diet_engine.engine.optim import head_optimizer_meta
 from diet_engine.engine.schedule import warmup_cosine
 from diet_engine.storage.head import HeadMeta, MemoryHeadStore, ZarrHeadStore, ZarrHeadStoreConfig, head_init
+from diet_engine.storage.shards.plan import make_epoch_plan
 
 N, D, R, B = 2000, 16, 128, 64  # rows, dim, chunk rows (= shard size; 16 chunks, the last partial), batch
 STEPS, LOOKAHEAD, COMMIT_EVERY = 300, 3, 50
@@ -42,6 +44,17 @@ def plan(order: str, steps: int, seed: int = 0) -> list[np.ndarray]:
                 pos = 0
             out.append(perm[pos : pos + B].copy())
             pos += B
+    elif order == "window":  # the loader's sliding window: 2 shards (chunks) visited 3 times, reshuffled
+        counts = np.array([min(R, N - c * R) for c in range(-(-N // R))], np.int64)
+        first = np.arange(len(counts), dtype=np.int64) * R
+        epoch = 0
+        while len(out) < steps:
+            p = make_epoch_plan(first, counts, np.arange(len(counts)), steps=-(-3 * N // B), batch_size=B,
+                                epoch=epoch, seed=seed, rank=0, num_streams=1, drop_last=False, shuffle=True,
+                                window=2, passes=3)
+            out += [b.copy() for b in p.batches if len(b) == B]
+            epoch += 1
+        out = out[:steps]
     else:  # "in-flight": half of each batch is rows the previous batch just wrote
         prev = rng.integers(0, N, B)
         for _ in range(steps):
@@ -98,7 +111,7 @@ def _disk_run(path, meta, lrs, cfg, batches, zs):
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
-@pytest.mark.parametrize("order", ["random", "streaming", "in-flight"])
+@pytest.mark.parametrize("order", ["random", "streaming", "in-flight", "window"])
 def test_disk_head_equals_dense_head(tmp_path, order, name):
     """fp64, so that the comparison measures the store and the lazy optimizer, not fp32 rounding:
     300 fp32 steps of the dense reference itself drift 2e-5 (relative to max|W|) from its fp64 run."""
@@ -116,7 +129,7 @@ def test_disk_head_equals_dense_head(tmp_path, order, name):
     assert float((on_disk - ref).abs().max()) <= 1e-10 * scale
 
 
-@pytest.mark.parametrize("order", ["random", "streaming", "in-flight"])
+@pytest.mark.parametrize("order", ["random", "streaming", "in-flight", "window"])
 def test_disk_head_fp32_is_bitwise_the_memory_head(tmp_path, order):
     """In fp32 the disk store changes nothing: same bits as the in-RAM lazy head, step for step;
     both within fp32 rounding of the dense fp32 reference."""
