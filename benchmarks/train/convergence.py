@@ -17,7 +17,12 @@ kNN monitor (k = 20, cosine, T = 0.07) classifies 5,000 *val* images against a 1
 * `cosine`: L2-normalised features, logits scaled by 10 (PIC-style cosine softmax, τ = 0.1);
 * `cosine+feature-init`: `cosine`, and each row starts as its sample's feature at its first visit;
 * `feature-init`: feature init without normalisation (logits z·z: unstable);
-* `...+ls-0.1`, `...+lr-3e-3`: label smoothing 0.1, backbone learning rate × 3 on top of `cosine+feature-init`.
+* `...+ls-0.1`, `...+lr-3e-3`: label smoothing 0.1, backbone learning rate × 3 on top of `cosine+feature-init`;
+* `...+window-2x2`: PIC's sliding window over shards (2 shards visited twice, reshuffled, before the
+  next two), half the epochs so the steps are the same: a row is stepped again ~16 steps later;
+* `...+negatives-1024`: 1,024 extra negative rows per step, the rows of the next 8 batches.
+
+Curves are drawn against passes over the data (epochs × data.window_passes), i.e. equal steps.
 
 Writes benchmarks/results/convergence.{md,json,csv} and convergence.png (kNN vs epoch and vs time).
 """
@@ -43,7 +48,21 @@ RUNS: dict[str, list[str]] = {
     "feature-init": [*PAPERS, "--head.init=feature", "--head.lr_scale=10"],
     "cosine+feature-init+ls-0.1": [*PAPERS, *COSINE, "--head.init=feature", "--head.label_smoothing=0.1"],
     "cosine+feature-init+lr-3e-3": [*PAPERS, *COSINE, "--head.init=feature", "--optim.lr=3e-3"],
+    # half the epochs, each two visits of every sample: the same number of steps as the others
+    "cosine+feature-init+window-2x2": [*PAPERS, *COSINE, "--head.init=feature", "--data.window_shards=2",
+                                       "--data.window_passes=2", "--train.epochs=EPOCHS/2", "--eval.every_epochs=1"],
+    "cosine+feature-init+negatives-1024": [*PAPERS, *COSINE, "--head.init=feature", "--head.extra_negatives=1024",
+                                           "--head.lookahead=8"],
 }
+
+
+def _passes(options: list[str]) -> int:
+    """Visits of every sample per epoch of a run (data.window_passes; 1 for the plain order)."""
+    return next((int(o.partition("=")[2]) for o in reversed(options) if o.startswith("--data.window_passes=")), 1)
+
+
+def _resolve(options: list[str], epochs: int) -> list[str]:
+    return [o.replace("EPOCHS/2", str(max(1, epochs // 2))) for o in options]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,10 +147,12 @@ def run(a: argparse.Namespace) -> int:
             continue
         if not done and not a.collect_only:  # finished runs are kept: rerun by deleting them
             print(f"convergence: {name} ...", flush=True)
-            train(run_dir, [*common, *RUNS[name]], threads=a.threads, timeout=6 * 3600)
+            train(run_dir, [*common, *_resolve(RUNS[name], a.epochs)], threads=a.threads, timeout=6 * 3600)
         c = curves[name] = _curve(run_dir)
+        for p in c:  # the x axis is passes over the data (= epochs of the plain order)
+            p["epoch"] *= _passes(RUNS[name])
         low = min(c, key=lambda p: p["knn"])  # the dip below random init that every run goes through
-        change = " ".join(o.removeprefix("--") for o in RUNS[name] if o not in PAPERS)
+        change = " ".join(o.removeprefix("--") for o in _resolve(RUNS[name], a.epochs) if o not in PAPERS)
         rows.append({"run": name + ("" if done else " (stopped)"), "options": change,
                      "knn_epoch0": c[0]["knn"], "knn_final": c[-1]["knn"], "final_epoch": c[-1]["epoch"],
                      "low": low["knn"], "low_epoch": low["epoch"], "train_s": c[-1]["train_s"]})
@@ -153,8 +174,8 @@ def run(a: argparse.Namespace) -> int:
             f"(bank: 10,000 *fit* images) every 2 epochs.\n\n{table}\n\nCurves (epoch: kNN %): "
             + "; ".join(f"{k}: " + ", ".join(f"{p['epoch']:.0f}: {100 * p['knn']:.1f}" for p in c)
                         for k, c in curves.items()) + "\n\n![convergence](convergence.png)")
-    config = {"runs": {n: RUNS[n] for n in a.runs}, "common": common, "torch_threads": a.threads or "default",
-              "load_average_1m_at_start": round(load0, 2)}
+    config = {"runs": {n: _resolve(RUNS[n], a.epochs) for n in a.runs}, "common": common,
+              "torch_threads": a.threads or "default", "load_average_1m_at_start": round(load0, 2)}
     write_csv(out / "convergence.csv", rows, cols)
     path = write_report("convergence", "Faster DIET convergence (Fashion-MNIST, validation split)", body,
                         machine_stamp(), config, rows, extra={"curves": curves}, out_dir=out)
