@@ -82,7 +82,7 @@ def split_train(train: Path, out: Path, val: int) -> tuple[Path, Path]:
     """out/fit (the first N - val images) and out/val (the last val, re-indexed), bytes copied."""
     import numpy as np  # noqa: PLC0415
 
-    from diet_engine.storage.shards.loader import _read_shard  # noqa: PLC0415
+    from diet_engine.storage.shards.loader import read_shard  # noqa: PLC0415
     from diet_engine.storage.shards.manifest import Manifest  # noqa: PLC0415
     from diet_engine.storage.shards.prepare import ShardSetWriter, StatsAccumulator, staged_output  # noqa: PLC0415
     from diet_engine.storage.shards.records import decode  # noqa: PLC0415
@@ -100,8 +100,8 @@ def split_train(train: Path, out: Path, val: int) -> tuple[Path, Path]:
                 a, b = max(lo, int(first[s])), min(hi, int(first[s] + counts[s]))
                 if a >= b:
                     continue
-                got = _read_shard(str(paths[s]), int(first[s]), int(counts[s]), m.index_field, m.image_field,
-                                  m.label_field, set(range(a, b)), m.num_classes)
+                got = read_shard(str(paths[s]), int(first[s]), int(counts[s]), m.index_field, m.image_field,
+                                 m.label_field, set(range(a, b)), m.num_classes)
                 for n in range(a, b):
                     data, label = got[n]
                     w.write(data, m.image_field or "png", label)

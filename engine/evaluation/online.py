@@ -15,7 +15,7 @@ import torch
 
 from diet_engine.engine.data import eval_transform
 from diet_engine.engine.evaluation.knn import knn_accuracy
-from diet_engine.storage.shards.loader import _read_shard
+from diet_engine.storage.shards.loader import read_shard
 from diet_engine.storage.shards.manifest import Manifest
 from diet_engine.storage.shards.records import decode
 
@@ -35,8 +35,8 @@ def load_subset(manifest: Manifest, index: np.ndarray, transform) -> tuple[torch
     images, labels = [], []
     for s in np.unique(shard):
         want = index[shard == s]
-        got = _read_shard(str(paths[s]), int(first[s]), int(counts[s]), manifest.index_field, manifest.image_field,
-                          manifest.label_field, {int(n) for n in want}, manifest.num_classes)
+        got = read_shard(str(paths[s]), int(first[s]), int(counts[s]), manifest.index_field, manifest.image_field,
+                         manifest.label_field, {int(n) for n in want}, manifest.num_classes)
         for n in want:
             data, label = got[int(n)]
             images.append(transform(decode(data, manifest.image.channels, paths[s], str(n))))

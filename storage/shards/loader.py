@@ -230,8 +230,8 @@ class ShardLoader:
         for sid in self.shards:
             first, path = int(self._first[sid]), str(paths[sid])
             want = set(range(first, first + int(self._counts[sid])))
-            for n, (data, label) in _read_shard(path, first, int(self._counts[sid]), m.index_field,
-                                                m.image_field, m.label_field, want, m.num_classes).items():
+            for n, (data, label) in read_shard(path, first, int(self._counts[sid]), m.index_field,
+                                               m.image_field, m.label_field, want, m.num_classes).items():
                 memory[n] = (decode(data, m.image.channels, path, str(n)), label)
         return memory
 
@@ -258,9 +258,9 @@ def _assemble(items: Iterator, plan: EpochPlan, start_batch: int, with_labels: b
         raise RuntimeError(f"loader stopped at batch {k} of {len(plan.batches)} (a worker ended early)")
 
 
-def _read_shard(path: str, first: int, count: int, index_field: str | None, image_field: str | None,
-                label_field: str | None, want: set[int],
-                num_classes: int | None = None) -> dict[int, tuple[bytes, int]]:
+def read_shard(path: str, first: int, count: int, index_field: str | None, image_field: str | None,
+               label_field: str | None, want: set[int],
+               num_classes: int | None = None) -> dict[int, tuple[bytes, int]]:
     """{index: (encoded image, label or -1)} for `want` from one tar holding the manifest's indices
     first .. first+count-1. A subset stops reading once all are found; the whole shard is read to
     its end, so a sample outside the manifest's range (the shard holds more than declared) is an
@@ -333,8 +333,8 @@ class _Streams(IterableDataset):
                     j += 1
                 need = np.concatenate(need)
                 need = need[self._shard_of(need) == sid]
-                got = _read_shard(self.paths[sid], int(self.first[sid]), int(self.counts[sid]), self.index_field,
-                                  self.image_field, self.label_field, set(need.tolist()), self.num_classes)
+                got = read_shard(self.paths[sid], int(self.first[sid]), int(self.counts[sid]), self.index_field,
+                                 self.image_field, self.label_field, set(need.tolist()), self.num_classes)
                 encoded.update(got)
                 held[sid] = list(got)
             yield s, i, *self._build(item, fetch)
