@@ -13,6 +13,7 @@ calls, see launch/bench.py) and `main(argv)` for `python -m benchmarks.<group>.<
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import io
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository (a source checko
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "_work"  # git-ignored scratch space
 GB = 1e9
+
+
+def cli_main(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], int]) -> Callable[[list[str] | None], int]:
+    """A benchmark program's `main(argv)`: its docstring's first paragraph as the description, its
+    options, its run (the same options `diet bench NAME` gives it)."""
+
+    def main(argv: list[str] | None = None) -> int:
+        p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+        add_arguments(p)
+        return run(p.parse_args(argv))
+
+    return main
 
 
 def machine_stamp(device: str | None = None) -> dict[str, Any]:

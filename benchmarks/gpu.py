@@ -29,7 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, machine_stamp, markdown_table, write_report
+from benchmarks.common import RESULTS, ROOT, cli_main, machine_stamp, markdown_table, write_report
 
 STAGES = ("tests", "ce", "lazy", "memory", "e2e")
 BUDGET_S = {"tests": 90, "ce": 90, "lazy": 60, "memory": 150, "e2e": 150}  # GPU; ≈ 8 min in all
@@ -284,10 +284,7 @@ def _headline(stage: str, r: dict) -> str:
     return f"{len(r.get('rows', []))} rows"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,17 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from benchmarks.common import RESULTS, ROOT, WORK, evict, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    WORK,
+    cli_main,
+    evict,
+    machine_stamp,
+    markdown_table,
+    write_csv,
+    write_report,
+)
 from diet_engine.engine.augment import make_train_transform
 from diet_engine.storage.shards import ShardLoader
 
@@ -246,10 +256,7 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, machine_stamp, write_csv, write_report
+from benchmarks.common import RESULTS, cli_main, machine_stamp, write_csv, write_report
 from benchmarks.memory import methods as M
 from benchmarks.memory import report
 from benchmarks.memory.presets import PRESETS, MemoryPreset
@@ -364,7 +364,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse the stored results of identical configurations that ran ok; re-run the rest")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
 
 FEW_SHOT = 5  # labelled bank samples per class of the few-shot kNN
 
@@ -205,10 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default="", help="scratch folder (default benchmarks/_work/label_smoothing)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

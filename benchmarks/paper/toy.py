@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import RESULTS, cli_main, machine_stamp, markdown_table, write_csv, write_report
 
 
 @dataclasses.dataclass
@@ -223,10 +223,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="", help="results folder (default benchmarks/results)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
 from benchmarks.train.runs import read_metrics
 
 PAPERS = ["--head.label_smoothing=0.8", "--head.lr_scale=1", "--head.weight_decay=-1", "--head.init=random",
@@ -204,10 +204,7 @@ def _plot(path: Path, curves: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

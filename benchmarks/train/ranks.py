@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import RESULTS, ROOT, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
 
 
 def run_case(work: Path, data: Path, name: str, ranks: int, batch: int, batch_ce: str, threads: int | None,
@@ -145,10 +145,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

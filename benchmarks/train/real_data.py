@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
 from benchmarks.train.runs import read_metrics, train
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -288,10 +288,7 @@ def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.2f}%"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

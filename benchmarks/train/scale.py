@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.common import GB, RESULTS, WORK, machine_stamp, markdown_table, write_csv, write_report
+from benchmarks.common import GB, RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
 from benchmarks.train.runs import ensure_synthetic, median, startup_s, train, window_img_per_s
 
 
@@ -136,10 +136,7 @@ def run(a: argparse.Namespace) -> int:
     return 0 if peak <= 6 and ok_resume else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+main = cli_main(__doc__, add_arguments, run)
 
 
 if __name__ == "__main__":
