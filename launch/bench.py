@@ -38,6 +38,8 @@ _BENCHES = {
     "train-scale": ("benchmarks.train.scale", "end to end at ImageNet scale: disk head, SIGKILL and resume"),
     "convergence": ("benchmarks.train.convergence",
                     "faster DIET convergence on Fashion-MNIST: one change at a time, kNN on a validation split"),
+    "preset-curve": ("benchmarks.train.preset_curve",
+                     "a preset trained longer: online kNN against minutes, what it reaches by 30 and 120 min"),
     "real-data": ("benchmarks.train.real_data",
                   "DIET learning Fashion-MNIST vs raw pixels, random init, SimCLR, supervised; DIET variants"),
     # memory
