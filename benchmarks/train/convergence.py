@@ -20,6 +20,8 @@ kNN monitor (k = 20, cosine, T = 0.07) classifies 5,000 *val* images against a 1
 * `...+ls-0.1`, `...+lr-3e-3`: label smoothing 0.1, backbone learning rate × 3 on top of `cosine+feature-init`;
 * `...+window-2x2`: PIC's sliding window over shards (2 shards visited twice, reshuffled, before the
   next two), half the epochs so the steps are the same: a row is stepped again ~16 steps later;
+* `...+projector`: the s-DIET 3-layer MLP projector (2048 hidden, 256 out) between backbone and
+  head (kNN on the backbone's features, as always);
 * `...+negatives-1024`: 1,024 extra negative rows per step, the rows of the next 8 batches.
 
 Curves are drawn against passes over the data (epochs × data.window_passes), i.e. equal steps.
@@ -51,6 +53,7 @@ RUNS: dict[str, list[str]] = {
     # half the epochs, each two visits of every sample: the same number of steps as the others
     "cosine+feature-init+window-2x2": [*PAPERS, *COSINE, "--head.init=feature", "--data.window_shards=2",
                                        "--data.window_passes=2", "--train.epochs=EPOCHS/2", "--eval.every_epochs=1"],
+    "cosine+feature-init+projector": [*PAPERS, *COSINE, "--head.init=feature", "--model.projector=mlp"],
     "cosine+feature-init+negatives-1024": [*PAPERS, *COSINE, "--head.init=feature", "--head.extra_negatives=1024",
                                            "--head.lookahead=8"],
 }
