@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
-from benchmarks.train.runs import read_metrics
+from benchmarks.train.runs import knn_curve, plot_knn_curves
 
 PAPERS = ["--head.label_smoothing=0.8", "--head.lr_scale=1", "--head.weight_decay=-1", "--head.init=random",
           "--model.normalize=false", "--head.logit_scale=1"]
@@ -116,19 +116,6 @@ def split_train(train: Path, out: Path, val: int) -> tuple[Path, Path]:
     return out / "fit", out / "val"
 
 
-def _curve(run: Path) -> list[dict]:
-    rows = read_metrics(run)
-    t, out, last = 0.0, [], None
-    for r in rows:
-        if "img_per_s" in r and last is not None:  # a logged window: its steps' samples at its rate
-            t += (r["step"] - last) * r.get("batch", 128) / r["img_per_s"]
-        if "loss" in r:
-            last = r["step"]
-        if "eval/knn" in r:
-            out.append({"epoch": r["epoch"], "knn": r["eval/knn"], "train_s": t, "step": r["step"]})
-    return out
-
-
 def run(a: argparse.Namespace) -> int:
     from benchmarks.train.real_data import _data  # noqa: PLC0415
     from benchmarks.train.runs import train  # noqa: PLC0415
@@ -151,7 +138,7 @@ def run(a: argparse.Namespace) -> int:
         if not done and not a.collect_only:  # finished runs are kept: rerun by deleting them
             print(f"convergence: {name} ...", flush=True)
             train(run_dir, [*common, *_resolve(RUNS[name], a.epochs)], threads=a.threads, timeout=6 * 3600)
-        c = curves[name] = _curve(run_dir)
+        c = curves[name] = knn_curve(run_dir)
         for p in c:  # the x axis is passes over the data (= epochs of the plain order)
             p["epoch"] *= _passes(RUNS[name])
         low = min(c, key=lambda p: p["knn"])  # the dip below random init that every run goes through
@@ -172,7 +159,10 @@ def run(a: argparse.Namespace) -> int:
     table = markdown_table(shown, cols, ["run", "change", "kNN epoch 0", "lowest", "at epoch", "kNN last",
                                          "last epoch", "points vs papers (same epoch)",
                                          f"epochs to {100 * ref['knn_final']:.1f}%", "× fewer epochs", "train s"])
-    _plot(out / "convergence.png", curves)
+    plot_knn_curves(out / "convergence.png",
+                    {k: ([p["epoch"] for p in c], [p["train_s"] / 60 for p in c], [100 * p["knn"] for p in c])
+                     for k, c in curves.items()},
+                    ylabel="val kNN top-1 (%)", time_label="training time (min, 1 thread, shared machine)")
     body = (f"{a.epochs} epochs on the first {a.train_shards} shards of *fit*; online kNN on 5,000 *val* images "
             f"(bank: 10,000 *fit* images) every 2 epochs.\n\n{table}\n\nCurves (epoch: kNN %): "
             + "; ".join(f"{k}: " + ", ".join(f"{p['epoch']:.0f}: {100 * p['knn']:.1f}" for p in c)
@@ -184,27 +174,6 @@ def run(a: argparse.Namespace) -> int:
                         machine_stamp(), config, rows, extra={"curves": curves}, out_dir=out)
     print(path.read_text())
     return 0
-
-
-def _plot(path: Path, curves: dict[str, list[dict]]) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    for name, c in curves.items():
-        axes[0].plot([p["epoch"] for p in c], [100 * p["knn"] for p in c], marker="o", ms=3, label=name)
-        axes[1].plot([p["train_s"] / 60 for p in c], [100 * p["knn"] for p in c], marker="o", ms=3, label=name)
-    axes[0].set(xlabel="epoch", ylabel="val kNN top-1 (%)")
-    axes[1].set(xlabel="training time (min, 1 thread, shared machine)", ylabel="val kNN top-1 (%)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 main = cli_main(__doc__, add_arguments, run)

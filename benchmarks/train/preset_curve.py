@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from benchmarks.common import RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
-from benchmarks.train.runs import read_metrics, train
+from benchmarks.train.runs import knn_curve, plot_knn_curves, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,23 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default=str(WORK))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None, help="results file stem (default: PRESET_curve with _ for -)")
-
-
-def curve(run: Path) -> list[dict]:
-    """[{epoch, knn, minutes, step}] of every online evaluation of the run, in order."""
-    rows, out = read_metrics(run), []
-    clock, train_s, last = None, 0.0, None
-    for r in rows:
-        if "head/elapsed_s" in r:
-            clock = r["head/elapsed_s"]
-        if "img_per_s" in r and last is not None:
-            train_s += (r["step"] - last) * r.get("batch", 128) / r["img_per_s"]
-        if "loss" in r:
-            last = r["step"]
-        if "eval/knn" in r:
-            t = clock if clock is not None and r["step"] > 0 else (0.0 if r["step"] == 0 else train_s)
-            out.append({"epoch": r["epoch"], "knn": r["eval/knn"], "minutes": t / 60, "step": r["step"]})
-    return out
 
 
 def at_minutes(points: list[dict], minutes: float) -> dict | None:
@@ -74,7 +57,7 @@ def run(a: argparse.Namespace) -> int:
     if not report_path.exists():
         raise SystemExit(f"{run_dir} holds no finished run (final_report.json): train it without --collect-only")
     report = json.loads(report_path.read_text())
-    points = curve(run_dir)
+    points = knn_curve(run_dir)
     if not points:
         raise SystemExit(f"{run_dir}/metrics.csv has no online kNN (eval.every_epochs was off)")
     ev = report["eval"]
@@ -98,7 +81,11 @@ def run(a: argparse.Namespace) -> int:
     if rand:
         final += (f"; the backbone at random init: kNN {100 * rand['knn']:.2f}%, probe {100 * rand['probe']:.2f}%, "
                   f"RankMe {rand['rankme']:.1f}")
-    _plot(Path(a.out) / f"{name}.png", points, a.marks, a.preset)
+    plot_knn_curves(Path(a.out) / f"{name}.png",
+                    {None: ([p["epoch"] for p in points], [p["minutes"] for p in points],
+                            [100 * p["knn"] for p in points])},
+                    ylabel="online kNN top-1 (%)", time_label="minutes since start (this machine)",
+                    titles=(f"{a.preset}: kNN vs epochs", "kNN vs time"), marks=a.marks, height=4.2)
     body = (f"`diet train {' '.join(args)}` (run folder `{run_dir}`). Online kNN: the preset's fixed subsets "
             f"(eval.online_bank / eval.online_queries); the end-of-run evaluation uses the full bank and every "
             f"test image.\n\n{table}\n\n" + "\n".join(lines) + f"\n\n{final}.\n\n![{name}]({name}.png)")
@@ -110,27 +97,6 @@ def run(a: argparse.Namespace) -> int:
                         config, points, extra={"marks": marks, "final": report}, out_dir=Path(a.out))
     print(path.read_text())
     return 0
-
-
-def _plot(path: Path, points: list[dict], marks: list[float], preset: str) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    axes[0].plot([p["epoch"] for p in points], [100 * p["knn"] for p in points], marker="o", ms=3)
-    axes[1].plot([p["minutes"] for p in points], [100 * p["knn"] for p in points], marker="o", ms=3)
-    for m in marks:
-        axes[1].axvline(m, color="grey", ls=":", lw=1)
-    axes[0].set(xlabel="epoch", ylabel="online kNN top-1 (%)", title=f"{preset}: kNN vs epochs")
-    axes[1].set(xlabel="minutes since start (this machine)", ylabel="online kNN top-1 (%)", title="kNN vs time")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 main = cli_main(__doc__, add_arguments, run)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, WORK, cli_main, machine_stamp, markdown_table, write_csv, write_report
-from benchmarks.train.runs import read_metrics, train
+from benchmarks.train.runs import plot_knn_curves, read_metrics, train
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -155,25 +155,13 @@ def _plots(out: Path, name: str, curves: dict[str, list], times: dict[str, float
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    for run, pts in curves.items():
-        if run.startswith("ls-") or not pts:
-            continue
-        ep = [p[0] for p in pts]
-        acc = [100 * p[1] for p in pts]
-        axes[0].plot(ep, acc, marker="o", ms=3, label=run)
-        per_epoch = times[run] / max(epochs, 1)
-        axes[1].plot([e * per_epoch / 60 for e in ep], acc, marker="o", ms=3, label=run)
-    axes[0].set(xlabel="epoch", ylabel="online kNN top-1 (%)", title="kNN vs epochs")
-    axes[1].set(xlabel="training time (min, this machine)", ylabel="online kNN top-1 (%)", title="kNN vs wall time")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / f"{name}_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    shown = {run: pts for run, pts in curves.items() if not run.startswith("ls-") and pts}
+    paths = [plot_knn_curves(
+        out / f"{name}_curves.png",
+        {run: ([p[0] for p in pts], [p[0] * times[run] / max(epochs, 1) / 60 for p in pts], [100 * p[1] for p in pts])
+         for run, pts in shown.items()},
+        ylabel="online kNN top-1 (%)", time_label="training time (min, this machine)",
+        titles=("kNN vs epochs", "kNN vs wall time"))]
     ls = {k: v for k, v in curves.items() if k.startswith("ls-") and v}
     if ls:
         fig, ax = plt.subplots(figsize=(6, 4.2))

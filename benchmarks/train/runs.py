@@ -28,6 +28,56 @@ def read_metrics(run: Path) -> list[dict[str, float]]:
         return []
 
 
+def knn_curve(run: Path) -> list[dict]:
+    """[{epoch, knn, step, train_s, minutes}] of every online kNN evaluation (eval.every_epochs) in
+    the run's metrics.csv. `train_s`: training time from the logged img/s (steps only); `minutes`:
+    time since the run started on the head store's clock (online evaluations included), or train_s
+    where the head has no clock (the dense head)."""
+    out: list[dict] = []
+    train_s, last, clock = 0.0, None, None
+    for r in read_metrics(run):
+        if "head/elapsed_s" in r:
+            clock = r["head/elapsed_s"]
+        if "img_per_s" in r and last is not None:  # a logged window: its steps' samples at its rate
+            train_s += (r["step"] - last) * r.get("batch", 128) / r["img_per_s"]
+        if "loss" in r:
+            last = r["step"]
+        if "eval/knn" in r:
+            since = clock if clock is not None and r["step"] > 0 else train_s
+            out.append({"epoch": r["epoch"], "knn": r["eval/knn"], "step": r["step"], "train_s": train_s,
+                        "minutes": since / 60})
+    return out
+
+
+def plot_knn_curves(path: Path, series: dict[str | None, tuple[list[float], list[float], list[float]]], *,
+                    ylabel: str, time_label: str, titles: tuple[str, str] | None = None,
+                    marks: list[float] = (), height: float = 4.4) -> Path:
+    """Two panels, kNN (%) against epochs and against minutes: `series` {label: (epochs, minutes,
+    kNN %)} (label None: one unlabelled curve, no legend); `marks`: vertical lines at these minutes."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, height))
+    for label, (epochs, minutes, knn) in series.items():
+        axes[0].plot(epochs, knn, marker="o", ms=3, label=label)
+        axes[1].plot(minutes, knn, marker="o", ms=3, label=label)
+    for m in marks:
+        axes[1].axvline(m, color="grey", ls=":", lw=1)
+    axes[0].set(xlabel="epoch", ylabel=ylabel, **({"title": titles[0]} if titles else {}))
+    axes[1].set(xlabel=time_label, ylabel=ylabel, **({"title": titles[1]} if titles else {}))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if any(label is not None for label in series):
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def train(run: Path, args: list[str], *, threads: int | None = None, kill_at_step: int | None = None,
           mark_at_step: int | None = None, log: Path | None = None, timeout: float = 7200,
           evaluate: bool = False) -> dict:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
-from benchmarks.train.preset_curve import at_minutes, curve, main
+from benchmarks.train.preset_curve import at_minutes, main
+from benchmarks.train.runs import knn_curve
 
 
 def _fake_run(run):
@@ -29,7 +30,7 @@ def _fake_run(run):
 def test_curve_and_marks(tmp_path):
     run = tmp_path / "run"
     _fake_run(run)
-    pts = curve(run)
+    pts = knn_curve(run)
     assert [p["epoch"] for p in pts] == [0, 1, 2, 3, 4, 5]
     assert [round(p["minutes"]) for p in pts] == [0, 12, 24, 36, 48, 60]
     assert at_minutes(pts, 30)["epoch"] == 2 and at_minutes(pts, 120)["epoch"] == 5
